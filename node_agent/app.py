@@ -1,0 +1,131 @@
+"""Wires `Settings` into the pieces (sources, node file formats, state, containerd restart)
+and runs the one-shot commands. Returns exit codes; only `node_agent.cli` exits."""
+
+import logging
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from node_agent.credentials import Credentials
+from node_agent.ownership import StateStore
+from node_agent.reconcile import ContainerdReload, NodeFile, Outcome, Reconciler
+from node_agent.report import change_summary, redacted_diff
+from node_agent.runtime import Restarter, make_restarter, restart_and_check
+from node_agent.settings import Settings
+from node_agent.sources import load_credentials
+from node_agent.targets.containerd import ContainerdFormat
+from node_agent.targets.kubelet import KubeletFormat
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_OUT_OF_SYNC = 3
+
+
+@dataclass(frozen=True)
+class RestartContainerd:
+    """`ContainerdReload` for real: restart through the chosen strategy, then wait for CRI."""
+
+    restarter: Restarter
+    socket_path: str
+    timeout: float
+
+    def restart_and_verify(self) -> None:
+        restart_and_check(self.restarter, socket_path=self.socket_path, timeout=self.timeout)
+
+
+def node_files(settings: Settings) -> list[NodeFile]:
+    """The node files `settings.targets` selects, as paths reachable from here."""
+    available = {
+        "containerd": NodeFile(
+            ContainerdFormat(new_file_version=settings.containerd_config_version),
+            settings.on_host(settings.containerd_config),
+            restarts_containerd=True,
+        ),
+        "kubelet": NodeFile(KubeletFormat(), settings.on_host(settings.kubelet_config)),
+    }
+    return [available[name] for name in settings.targets]
+
+
+def containerd_reload(settings: Settings) -> ContainerdReload | None:
+    """How containerd gets restarted, or None when it must not be (--reload none)."""
+    if settings.reload == "none" or "containerd" not in settings.targets:
+        return None
+    command = shlex.join(settings.reload_command) if settings.reload_command else None
+    bus = f"unix:path={settings.on_host(settings.system_bus_socket)}"
+    restarter = make_restarter(settings.reload, command=command, bus_address=bus)
+    socket = str(settings.on_host(settings.containerd_socket))
+    return RestartContainerd(restarter, socket, settings.reload_timeout)
+
+
+def build_reconciler(settings: Settings) -> Reconciler:
+    return Reconciler(
+        node_files=node_files(settings),
+        state_store=StateStore(settings.on_host(settings.state_dir)),
+        containerd=None if settings.dry_run else containerd_reload(settings),
+    )
+
+
+def load_sources(settings: Settings) -> Credentials:
+    # Secret files are the agent's own inputs (e.g. a mounted Secret volume), not node paths.
+    return load_credentials(settings.secret_files, settings.fallback_secret_files)
+
+
+def reconcile_command(settings: Settings, out: TextIO) -> int:
+    """`node-agent reconcile`: one pass (or a redacted preview with --dry-run)."""
+    credentials = load_sources(settings)
+    reconciler = build_reconciler(settings)
+    if settings.dry_run:
+        outcome = reconciler.inspect(credentials)
+        _warn(outcome)
+        _print_preview(outcome, out)
+        return EXIT_OK
+    outcome = reconciler.reconcile(credentials)
+    _warn(outcome)
+    _print_result(outcome, out)
+    return EXIT_OK
+
+
+def check_command(settings: Settings, out: TextIO) -> int:
+    """`node-agent check`: 0 when every file matches the credentials, 3 when not."""
+    outcome = build_reconciler(settings).inspect(load_sources(settings))
+    _warn(outcome)
+    for prepared in outcome.files:
+        for line in change_summary(prepared):
+            print(f"out of sync: {line}", file=out)
+    if outcome.restart_pending:
+        print("out of sync: containerd: not restarted since config.toml changed", file=out)
+    if outcome.in_sync:
+        print("in sync", file=out)
+        return EXIT_OK
+    return EXIT_OUT_OF_SYNC
+
+
+def _print_preview(outcome: Outcome, out: TextIO) -> None:
+    for prepared in outcome.files:
+        if not prepared.needs_write:
+            print(f"{prepared.node_file.name}: in sync ({prepared.node_file.path})", file=out)
+            continue
+        for line in change_summary(prepared):
+            print(f"would {line}", file=out)
+        out.write(redacted_diff(prepared))
+
+
+def _print_result(outcome: Outcome, out: TextIO) -> None:
+    for prepared in outcome.files:
+        changes = [f"{change.action} {change.key}" for change in prepared.plan.changes]
+        summary = ", ".join(changes) if prepared.needs_write else "in sync"
+        print(f"{prepared.node_file.name}: {summary}", file=out)
+    if outcome.containerd_restarted:
+        print("containerd: restarted, CRI answering", file=out)
+
+
+def _warn(outcome: Outcome) -> None:
+    for warning in outcome.warnings:
+        log.warning(warning)
+
+
+Command = Callable[[Settings, TextIO], int]

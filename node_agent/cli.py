@@ -1,0 +1,221 @@
+"""Command line: flags (each also `NODE_AGENT_<FLAG>`) → Settings → a command → exit code.
+
+Exit codes: 0 done / in sync, 1 error, 2 usage, 3 `check` found differences.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from node_agent import app
+from node_agent.demo import demo_command
+from node_agent.errors import NodeAgentError
+from node_agent.logs import configure_logging
+from node_agent.settings import RELOAD_MODES, TARGET_NAMES, Settings
+
+ENV_PREFIX = "NODE_AGENT_"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `30s`, `200ms`, `5m`, `1h` or a plain number of seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30s, 200ms, 5m)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in TARGET_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"--targets takes a comma-separated subset of {','.join(TARGET_NAMES)}"
+        )
+    return names
+
+
+def parse_version(text: str) -> int:
+    if text not in ("2", "3"):
+        raise argparse.ArgumentTypeError("--containerd-config-version must be 2 or 3")
+    return int(text)
+
+
+class _EnvDefaults:
+    """Adds flags whose default comes from `NODE_AGENT_<FLAG>` when that variable is set."""
+
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+        self.parser = parser
+        self.environ = environ
+
+    def add(self, flag: str, **options: Any) -> None:
+        env_name = ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+        options["help"] = f"{options.get('help', '')} [env {env_name}]".strip()
+        raw = self.environ.get(env_name)
+        if raw is not None:
+            options["default"] = self._from_env(raw, options)
+        self.parser.add_argument(flag, **options)
+
+    @staticmethod
+    def _from_env(raw: str, options: Mapping[str, Any]) -> Any:
+        action = options.get("action")
+        if action == "store_true":
+            return raw.strip().lower() in _TRUE
+        convert = options.get("type", str)
+        if action == "append":
+            return [convert(item) for item in raw.split(",") if item.strip()]
+        return convert(raw)
+
+
+def _add_node_flags(flags: _EnvDefaults) -> None:
+    defaults = Settings()
+    flags.add(
+        "--secret-file",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="credentials source, repeatable, highest priority first",
+    )
+    flags.add(
+        "--fallback-secret-file",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="source used only for registries no --secret-file names",
+    )
+    flags.add("--containerd-config", type=Path, default=defaults.containerd_config, metavar="PATH")
+    flags.add(
+        "--containerd-config-version",
+        type=parse_version,
+        default=2,
+        help="version of a config.toml the agent has to create (2 or 3)",
+    )
+    flags.add("--kubelet-config", type=Path, default=defaults.kubelet_config, metavar="PATH")
+    flags.add(
+        "--targets",
+        type=parse_targets,
+        default=TARGET_NAMES,
+        help="which node files to manage: containerd,kubelet",
+    )
+    flags.add(
+        "--host-root",
+        type=Path,
+        default=defaults.host_root,
+        metavar="DIR",
+        help="where the node's filesystem is mounted; prefixes every node path",
+    )
+    flags.add("--state-dir", type=Path, default=defaults.state_dir, metavar="DIR")
+    flags.add(
+        "--reload",
+        choices=RELOAD_MODES,
+        default=defaults.reload,
+        help="how to restart containerd after its auth changed",
+    )
+    flags.add(
+        "--reload-command",
+        default=None,
+        metavar="'CMD ARGS'",
+        help="restart command for --reload command",
+    )
+    flags.add(
+        "--reload-timeout",
+        type=parse_duration,
+        default=defaults.reload_timeout,
+        metavar="DURATION",
+        help="restart + CRI health budget before rolling back",
+    )
+    flags.add("--containerd-socket", type=Path, default=defaults.containerd_socket, metavar="PATH")
+    flags.add(
+        "--system-bus-socket",
+        type=Path,
+        default=defaults.system_bus_socket,
+        metavar="PATH",
+        help="the node's D-Bus system bus, for --reload systemd",
+    )
+    flags.add("--log-format", choices=("text", "json"), default="text")
+    flags.add("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="node-agent",
+        description="Reconcile registry pull credentials into containerd's config.toml and "
+        "the kubelet's config.json.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    reconcile = commands.add_parser("reconcile", help="one reconcile pass")
+    _add_node_flags(_EnvDefaults(reconcile, environ))
+    _EnvDefaults(reconcile, environ).add(
+        "--dry-run", action="store_true", help="print a redacted diff; write and restart nothing"
+    )
+    check = commands.add_parser("check", help="exit 0 if in sync, 3 if not")
+    _add_node_flags(_EnvDefaults(check, environ))
+    demo = commands.add_parser("demo", help="run on an embedded sample node tree (no root)")
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("demo-node"),
+        help="where to lay out the sample node (default ./demo-node)",
+    )
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from parsed flags. Raises ValueError for combinations argparse cannot see."""
+    if args.reload == "command" and not args.reload_command:
+        raise ValueError("--reload command needs --reload-command")
+    if args.reload != "command" and args.reload_command:
+        raise ValueError("--reload-command is only used with --reload command")
+    return Settings(
+        secret_files=tuple(args.secret_file),
+        fallback_secret_files=tuple(args.fallback_secret_file),
+        containerd_config=args.containerd_config,
+        containerd_config_version=args.containerd_config_version,
+        kubelet_config=args.kubelet_config,
+        targets=args.targets,
+        host_root=args.host_root,
+        state_dir=args.state_dir,
+        reload=args.reload,
+        reload_command=tuple(shlex.split(args.reload_command)) if args.reload_command else (),
+        reload_timeout=args.reload_timeout,
+        containerd_socket=args.containerd_socket,
+        system_bus_socket=args.system_bus_socket,
+        dry_run=getattr(args, "dry_run", False),
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parser = build_parser(os.environ if environ is None else environ)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        configure_logging(log_format="text", level="warning")
+        return _run(lambda: demo_command(args.dir, sys.stdout))
+    try:
+        settings = settings_from(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if not settings.secret_files and not settings.fallback_secret_files:
+        parser.error("at least one --secret-file or --fallback-secret-file is needed")
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    command = app.reconcile_command if args.command == "reconcile" else app.check_command
+    return _run(lambda: command(settings, sys.stdout))
+
+
+def _run(command: Any) -> int:
+    try:
+        code: int = command()
+    except NodeAgentError as error:
+        print(f"node-agent: error: {error}", file=sys.stderr)
+        return app.EXIT_ERROR
+    return code

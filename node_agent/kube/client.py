@@ -1,0 +1,250 @@
+"""The one module that imports the official `kubernetes` client.
+
+Everything else sees plain JSON mappings (`model`) and the agent's own errors (`errors`).
+Lists and watches are read raw (`_preload_content=False`): one data shape for both, no model
+deserialisation, and the watch response stays in our hands so another thread can end it.
+
+Facts about the client (kubernetes 37.0.2, urllib3 2.x) this module relies on:
+- With `_preload_content=False` a non-2xx answer still raises `ApiException` (status set);
+  a 2xx answer returns the urllib3 response, whose chunked body yields one chunk per read.
+- `timeoutSeconds` is enforced by the server only; without a read timeout in
+  `_request_timeout=(connect, read)` a half-open watch blocks forever. A stalled stream then
+  raises urllib3 `ReadTimeoutError`, a dropped one `ProtocolError`: both are retried by the
+  caller, with backoff, never inside the client (urllib3 retries are off: one place retries).
+- An expired resourceVersion on a watch arrives as HTTP 200 with an ERROR event carrying a
+  Status with code 410 (like the API server's watch cache); on a list as HTTP 410.
+"""
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, Self, cast
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from node_agent.errors import NodeAgentError
+from node_agent.kube.errors import (
+    SourceForbidden,
+    SourceInvalid,
+    SourceUnavailable,
+    WatchExpired,
+)
+from node_agent.kube.model import ObjectList, ObjectRef, RequestTimeout, WatchEvent
+
+log = logging.getLogger(__name__)
+
+_IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
+_STATUS_MESSAGE_LIMIT = 200
+
+
+def load_api_client(
+    *, kubeconfig: Path | None = None, environ: Mapping[str, str] = os.environ
+) -> k8s.ApiClient:
+    """An ApiClient from, in order: an explicit kubeconfig (`--kubeconfig`), the in-cluster
+    ServiceAccount, `$KUBECONFIG`, `~/.kube/config` — the order client-go uses."""
+    configuration = k8s.Configuration()
+    if kubeconfig is None and environ.get(_IN_CLUSTER_ENV):
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        log.info("Kubernetes API: in-cluster ServiceAccount, %s", configuration.host)
+    else:
+        path = kubeconfig or Path(environ.get("KUBECONFIG") or "~/.kube/config").expanduser()
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(path), client_configuration=configuration, persist_config=False
+        )
+        log.info("Kubernetes API: kubeconfig %s, %s", path, configuration.host)
+    if hasattr(configuration, "keep_alive"):
+        # TCP keepalive: an idle proxy or load balancer otherwise drops a quiet watch silently.
+        configuration.keep_alive = True
+    # One attempt per request: the watch loop is the one place that retries, with backoff.
+    configuration.retries = urllib3.util.Retry(total=0, redirect=False)
+    return k8s.ApiClient(configuration)
+
+
+class KubeApi:
+    """The API calls node-agent makes, answering in `model` types and `errors` types."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self._api_client = api_client
+        self._core = k8s.CoreV1Api(api_client)
+
+    @classmethod
+    def connect(
+        cls, *, kubeconfig: Path | None = None, environ: Mapping[str, str] = os.environ
+    ) -> Self:
+        return cls(load_api_client(kubeconfig=kubeconfig, environ=environ))
+
+    def close(self) -> None:
+        self._api_client.close()  # type: ignore[no-untyped-call]
+
+    def list_secret(self, ref: ObjectRef, *, request_timeout: RequestTimeout) -> ObjectList:
+        """The Secret as a list of zero or one items (field selector `metadata.name`), so the
+        answer carries a resourceVersion to watch from even when the Secret does not exist."""
+        with _translated_errors(ref, "list"):
+            response = _raw(
+                self._core.list_namespaced_secret(
+                    ref.namespace,
+                    field_selector=f"metadata.name={ref.name}",
+                    _preload_content=False,
+                    _request_timeout=request_timeout,
+                )
+            )
+            try:
+                body = response.data
+            finally:
+                response.release_conn()
+        document = _parse_json(ref, body)
+        metadata = document.get("metadata")
+        items = document.get("items") or []
+        version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+        if not isinstance(version, str) or not version or not isinstance(items, list):
+            raise SourceInvalid(str(ref), "list answer without items or metadata.resourceVersion")
+        return ObjectList(items=[i for i in items if isinstance(i, dict)], resource_version=version)
+
+    def watch_secret(
+        self,
+        ref: ObjectRef,
+        *,
+        resource_version: str,
+        timeout_seconds: int,
+        request_timeout: RequestTimeout,
+    ) -> "ApiWatchStream":
+        """Open a watch on the Secret from `resource_version`, with bookmarks."""
+        with _translated_errors(ref, "watch"):
+            response = _raw(
+                self._core.list_namespaced_secret(
+                    ref.namespace,
+                    field_selector=f"metadata.name={ref.name}",
+                    resource_version=resource_version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=timeout_seconds,
+                    watch=True,
+                    _preload_content=False,
+                    _request_timeout=request_timeout,
+                )
+            )
+        return ApiWatchStream(ref, response)
+
+
+class ApiWatchStream:
+    """One open watch response: iterate for events; `interrupt()` from any thread ends it."""
+
+    def __init__(self, ref: ObjectRef, response: urllib3.BaseHTTPResponse) -> None:
+        self._ref = ref
+        self._response = response
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        with _translated_errors(self._ref, "watch"):
+            for line in _lines(self._response.stream(None)):
+                if line.strip():
+                    yield _parse_event(self._ref, line)
+
+    def interrupt(self) -> None:
+        # Shut the socket down rather than close it: the reading thread still owns it, and a
+        # shutdown wakes its blocked read immediately.
+        with suppress(AttributeError, OSError, RuntimeError, ValueError):
+            shutdown = getattr(self._response, "shutdown", None)  # urllib3 >= 2.3
+            if shutdown is not None:
+                shutdown()
+            else:
+                self._response.connection.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        with suppress(OSError, urllib3.exceptions.HTTPError):
+            self._response.close()
+            self._response.release_conn()
+
+
+def _raw(answer: object) -> urllib3.BaseHTTPResponse:
+    """The client annotates the model type even when `_preload_content=False` makes it return
+    the urllib3 response."""
+    return cast(urllib3.BaseHTTPResponse, answer)
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Newline-delimited records from a chunked body; a record may span chunks."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        yield from complete
+    if pending.strip():
+        yield pending
+
+
+def _parse_json(ref: ObjectRef, raw: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(raw)
+    except ValueError as error:
+        raise SourceInvalid(str(ref), "the API answered malformed JSON") from error
+    if not isinstance(document, dict):
+        raise SourceInvalid(str(ref), "the API answered JSON that is not an object")
+    return document
+
+
+def _parse_event(ref: ObjectRef, line: bytes) -> WatchEvent:
+    document = _parse_json(ref, line)
+    event_type, obj = document.get("type"), document.get("object")
+    if not isinstance(event_type, str) or not isinstance(obj, dict):
+        raise SourceInvalid(str(ref), "watch event without type or object")
+    if event_type == "ERROR":
+        raise _status_error(ref, "watch", _as_int(obj.get("code")), obj)
+    return WatchEvent(type=event_type, object=obj)
+
+
+@contextmanager
+def _translated_errors(ref: ObjectRef, verb: str) -> Iterator[None]:
+    """Client and transport exceptions → the agent's own, with what to do about them."""
+    try:
+        yield
+    except ApiException as error:
+        raise _status_error(ref, verb, _as_int(error.status), _status_of(error)) from error
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        problem = f"{verb} secrets: cannot reach the API server ({_describe(error)})"
+        raise SourceUnavailable(str(ref), problem) from error
+
+
+def _status_error(
+    ref: ObjectRef, verb: str, code: int, status: Mapping[str, Any]
+) -> NodeAgentError:
+    message = str(status.get("message") or status.get("reason") or "")[:_STATUS_MESSAGE_LIMIT]
+    if code == 410:
+        return WatchExpired(str(ref), f"{verb} secrets: resourceVersion expired ({message})")
+    if code == 401:
+        return SourceForbidden(
+            str(ref),
+            f"{verb} secrets: the API server rejected the agent's credentials (401): check its "
+            "ServiceAccount token or kubeconfig",
+        )
+    if code == 403:
+        return SourceForbidden(
+            str(ref),
+            f"RBAC forbids {verb} on secrets in namespace {ref.namespace} (403): allow the "
+            f"agent's ServiceAccount to get, list and watch Secret {ref.name!r} there "
+            f"(API server: {message})",
+        )
+    return SourceUnavailable(str(ref), f"{verb} secrets: API answered {code} ({message})")
+
+
+def _status_of(error: ApiException) -> Mapping[str, Any]:
+    """The Status object of an error answer, if its body is one (it never holds data)."""
+    try:
+        status = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        return {"reason": str(error.reason or "")}
+    return status if isinstance(status, dict) else {}
+
+
+def _as_int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _describe(error: BaseException) -> str:
+    """urllib3's own words (host, port, what broke); they never contain response data."""
+    return f"{type(error).__name__}: {error}"[:_STATUS_MESSAGE_LIMIT]

@@ -1,0 +1,79 @@
+"""Plain types exchanged between `client` (which talks to the API) and its users."""
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from node_agent.kube.errors import SourceInvalid
+
+RequestTimeout = tuple[float, float]
+"""(connect, read) seconds for one HTTP request; for a watch, read bounds a silent stream."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A namespaced object, shown as `namespace/name` (the `source` label of metrics)."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def resource_version_of(source: ObjectRef, obj: Mapping[str, Any]) -> str:
+    """`metadata.resourceVersion` of an API object; SourceInvalid when it has none."""
+    metadata = obj.get("metadata")
+    version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
+    if not isinstance(version, str) or not version:
+        raise SourceInvalid(str(source), "API object without metadata.resourceVersion")
+    return version
+
+
+@dataclass(frozen=True)
+class ObjectList:
+    """The answer to a list: raw items (API JSON) and the list's resourceVersion."""
+
+    items: Sequence[Mapping[str, Any]]
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One watch event: ADDED, MODIFIED, DELETED or BOOKMARK, with the raw object."""
+
+    type: str
+    object: Mapping[str, Any]
+
+    @property
+    def name(self) -> str | None:
+        metadata = self.object.get("metadata")
+        return metadata.get("name") if isinstance(metadata, Mapping) else None
+
+
+class EventStream(Protocol):
+    """An open watch. Iterating yields events until the server ends the stream cleanly;
+    failures raise `node_agent.kube.errors` types (410 as WatchExpired)."""
+
+    def __iter__(self) -> Iterator[WatchEvent]: ...
+
+    def interrupt(self) -> None:
+        """End the stream from another thread: a blocked read returns at once."""
+
+    def close(self) -> None:
+        """Release the connection (from the iterating thread)."""
+
+
+class SecretApi(Protocol):
+    """What `SecretWatcher` needs from the API."""
+
+    def list_secret(self, ref: ObjectRef, *, request_timeout: RequestTimeout) -> ObjectList: ...
+
+    def watch_secret(
+        self,
+        ref: ObjectRef,
+        *,
+        resource_version: str,
+        timeout_seconds: int,
+        request_timeout: RequestTimeout,
+    ) -> EventStream: ...

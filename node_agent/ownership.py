@@ -1,0 +1,87 @@
+"""What the agent owns on this node, persisted in the state dir (`owned.json`, mode 0600 in a
+0700 directory: previous values are credentials too).
+
+Layout: {"version": 1, "owned": {TARGET: {FILE_KEY: PREVIOUS}}, "containerd_restart_pending": B}
+where PREVIOUS is what the file held under FILE_KEY before the agent took it (null: absent).
+`containerd_restart_pending` is set before config.toml is written and cleared once containerd
+was restarted and answered CRI, so a crash in between still leads to a restart next time.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node_agent.atomic import write_new_file
+from node_agent.errors import UnsupportedConfig, WriteFailed
+from node_agent.plan import Owned
+
+STATE_FILE = "owned.json"
+STATE_VERSION = 1
+STATE_DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """Everything the agent remembers between runs."""
+
+    owned: dict[str, Owned] = field(default_factory=dict)
+    containerd_restart_pending: bool = False
+
+    def owned_in(self, target: str) -> Owned:
+        return self.owned.get(target, {})
+
+
+class StateStore:
+    """Loads and saves `AgentState` in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / STATE_FILE
+
+    def load(self) -> AgentState:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return AgentState()
+        except OSError as error:
+            raise WriteFailed(f"{self.path}: cannot read state: {error.strerror}") from None
+        return _decode(str(self.path), raw)
+
+    def save(self, state: AgentState) -> None:
+        self._ensure_directory()
+        document = {
+            "version": STATE_VERSION,
+            "owned": state.owned,
+            "containerd_restart_pending": state.containerd_restart_pending,
+        }
+        write_new_file(self.path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+
+    def _ensure_directory(self) -> None:
+        try:
+            self.directory.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(self.directory, STATE_DIR_MODE)
+        except OSError as error:
+            raise WriteFailed(
+                f"{self.directory}: cannot create state dir: {error.strerror}"
+            ) from None
+
+
+def _decode(path: str, raw: bytes) -> AgentState:
+    # A state file we cannot read means we no longer know what we own: refuse rather than
+    # guess, since a wrong guess deletes or keeps someone else's credentials.
+    try:
+        document: Any = json.loads(raw)
+    except ValueError:
+        raise UnsupportedConfig(path, "state file is not valid JSON; fix or remove it") from None
+    if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
+        raise UnsupportedConfig(path, f"state file is not version {STATE_VERSION}")
+    owned = document.get("owned", {})
+    if not isinstance(owned, dict) or not all(
+        isinstance(keys, dict) and all(v is None or isinstance(v, dict) for v in keys.values())
+        for keys in owned.values()
+    ):
+        raise UnsupportedConfig(path, "state file 'owned' has an unexpected shape")
+    pending = document.get("containerd_restart_pending", False)
+    return AgentState(owned=owned, containerd_restart_pending=bool(pending))

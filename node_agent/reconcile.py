@@ -1,0 +1,252 @@
+"""The use case: credentials → desired entries → plan and render each node file → write the
+files that differ → restart containerd if its auth changed, and prove it came back.
+
+Every file is read, planned and rendered before anything is written, so a broken file or a
+bad credential leaves the whole node as it was. Writes are compare-and-swap: if another
+writer got in between our read and our rename, the whole pass is redone from fresh reads.
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from node_agent.atomic import FileSnapshot, read_snapshot, remove_stale_temps, replace_file
+from node_agent.credentials import Credentials
+from node_agent.errors import ConcurrentModification, ReloadFailed, UnsupportedConfig
+from node_agent.ownership import AgentState, StateStore
+from node_agent.plan import Owned, TargetPlan, owned_while_writing, plan_target
+from node_agent.targets import Entry, FormatError, NodeFileFormat, Skip
+
+log = logging.getLogger(__name__)
+
+#: How often a pass is redone when another writer keeps changing a file under us.
+MAX_ATTEMPTS = 5
+
+
+class ContainerdReload(Protocol):
+    """Restarts containerd and returns once CRI answers; raises ReloadFailed otherwise."""
+
+    def restart_and_verify(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NodeFile:
+    """One file the agent manages: its format, where it is, and whether a change to it only
+    takes effect after a containerd restart."""
+
+    format: NodeFileFormat
+    path: Path
+    restarts_containerd: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.format.name
+
+
+@dataclass(frozen=True)
+class PreparedFile:
+    """A node file read, compared with the desired state, and rendered (nothing written)."""
+
+    node_file: NodeFile
+    snapshot: FileSnapshot
+    old_text: str | None
+    new_text: str | None
+    plan: TargetPlan
+    desired_count: int
+
+    @property
+    def needs_write(self) -> bool:
+        return self.new_text is not None and self.new_text != self.old_text
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a pass found and did."""
+
+    files: tuple[PreparedFile, ...]
+    warnings: tuple[str, ...] = ()
+    written: tuple[str, ...] = ()
+    containerd_restarted: bool = False
+    restart_pending: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written) or self.containerd_restarted
+
+    @property
+    def in_sync(self) -> bool:
+        return all(prepared.plan.in_sync for prepared in self.files) and not self.restart_pending
+
+
+@dataclass
+class Reconciler:
+    """Brings the node files in line with credentials. Holds no state between passes except
+    what `state_store` persists."""
+
+    node_files: Sequence[NodeFile]
+    state_store: StateStore
+    containerd: ContainerdReload | None = None
+
+    def inspect(self, credentials: Credentials) -> Outcome:
+        """Read and plan every file without writing anything (for --dry-run and `check`)."""
+        return self._inspect(credentials, self.state_store.load())
+
+    def reconcile(self, credentials: Credentials) -> Outcome:
+        """One pass, redone from fresh reads when another writer races us."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return self._reconcile_once(credentials)
+            except ConcurrentModification as conflict:
+                log.info("retrying: %s (attempt %d of %d)", conflict, attempt, MAX_ATTEMPTS)
+        raise ConcurrentModification(
+            f"node files kept changing under us; gave up after {MAX_ATTEMPTS} attempts"
+        )
+
+    def _inspect(self, credentials: Credentials, state: AgentState) -> Outcome:
+        warnings: list[str] = []
+        files = tuple(
+            self._prepare(node_file, credentials, state, warnings) for node_file in self.node_files
+        )
+        pending = state.containerd_restart_pending and self.containerd is not None
+        return Outcome(files=files, warnings=tuple(warnings), restart_pending=pending)
+
+    def _reconcile_once(self, credentials: Credentials) -> Outcome:
+        state = self.state_store.load()
+        outcome = self._inspect(credentials, state)
+        to_write = [prepared for prepared in outcome.files if prepared.needs_write]
+        restart_needed = self.containerd is not None and (
+            outcome.restart_pending
+            or any(prepared.node_file.restarts_containerd for prepared in to_write)
+        )
+        during = _state_while_writing(state, outcome.files, restart_pending=restart_needed)
+        if during != state:
+            self.state_store.save(during)
+        # Files that need no restart first: they are useful even if containerd then fails.
+        for prepared in sorted(to_write, key=lambda p: p.node_file.restarts_containerd):
+            remove_stale_temps(prepared.snapshot.path)
+            replace_file(prepared.snapshot, _encode(prepared.new_text))
+            log.info(
+                "%s: wrote %s (%s)",
+                prepared.node_file.name,
+                prepared.snapshot.path,
+                _describe(prepared.plan),
+            )
+        if restart_needed:
+            self._restart_or_roll_back(to_write, during)
+        final = _state_after(during, outcome.files)
+        if final != during:
+            self.state_store.save(final)
+        return replace(
+            outcome,
+            written=tuple(p.node_file.name for p in to_write),
+            containerd_restarted=restart_needed,
+            restart_pending=False,
+        )
+
+    def _prepare(
+        self, node_file: NodeFile, credentials: Credentials, state: AgentState, warnings: list[str]
+    ) -> PreparedFile:
+        snapshot = read_snapshot(node_file.path)
+        old_text = _decode(snapshot)
+        desired = desired_entries(node_file.format, credentials, warnings)
+        try:
+            current = node_file.format.entries(old_text)
+            plan = plan_target(
+                current=current, desired=desired, owned=state.owned_in(node_file.name)
+            )
+            new_text = node_file.format.render(old_text, plan.updates) if plan.updates else old_text
+        except FormatError as error:
+            raise UnsupportedConfig(str(node_file.path), str(error)) from None
+        return PreparedFile(node_file, snapshot, old_text, new_text, plan, len(desired))
+
+    def _restart_or_roll_back(self, written: Sequence[PreparedFile], during: AgentState) -> None:
+        assert self.containerd is not None
+        try:
+            self.containerd.restart_and_verify()
+            log.info("containerd restarted and answered CRI")
+            return
+        except ReloadFailed as failure:
+            restart_error = failure
+        rolled_back = [p for p in written if p.node_file.restarts_containerd]
+        if not rolled_back:
+            raise restart_error
+        for prepared in rolled_back:
+            _roll_back(prepared)
+        try:
+            self.containerd.restart_and_verify()
+        except ReloadFailed as second:
+            raise ReloadFailed(
+                f"{restart_error}; config rolled back, but containerd still failed: {second}"
+            ) from second
+        self.state_store.save(replace(during, containerd_restart_pending=False))
+        raise ReloadFailed(
+            f"{restart_error}; previous config.toml restored and containerd restarted healthy"
+        ) from restart_error
+
+
+def desired_entries(
+    file_format: NodeFileFormat, credentials: Credentials, warnings: list[str]
+) -> dict[str, Entry]:
+    """What `file_format` should hold for every credential, with a warning for each it
+    cannot use."""
+    desired: dict[str, Entry] = {}
+    for registry in sorted(credentials):
+        result = file_format.desired_entry(registry, credentials[registry])
+        if isinstance(result, Skip):
+            warnings.append(f"{file_format.name}: {registry}: skipped: {result.reason}")
+            continue
+        key, entry = result
+        desired[key] = entry
+    return desired
+
+
+def _roll_back(prepared: PreparedFile) -> None:
+    written = read_snapshot(prepared.snapshot.path)
+    if prepared.snapshot.content is None:
+        # We created the file: rolling back means it is gone again.
+        prepared.snapshot.path.unlink(missing_ok=True)
+    else:
+        replace_file(written, prepared.snapshot.content)
+    log.warning("%s: rolled back %s", prepared.node_file.name, prepared.snapshot.path)
+
+
+def _state_while_writing(
+    state: AgentState, files: Sequence[PreparedFile], *, restart_pending: bool
+) -> AgentState:
+    owned = dict(state.owned)
+    for prepared in files:
+        name = prepared.node_file.name
+        owned[name] = owned_while_writing(state.owned_in(name), prepared.plan.owned_after)
+    return AgentState(owned=_drop_empty(owned), containerd_restart_pending=restart_pending)
+
+
+def _state_after(during: AgentState, files: Sequence[PreparedFile]) -> AgentState:
+    # Targets not managed in this pass (--targets) keep what they own.
+    owned = {**during.owned, **{p.node_file.name: p.plan.owned_after for p in files}}
+    return AgentState(owned=_drop_empty(owned), containerd_restart_pending=False)
+
+
+def _drop_empty(owned: dict[str, Owned]) -> dict[str, Owned]:
+    return {name: keys for name, keys in owned.items() if keys}
+
+
+def _decode(snapshot: FileSnapshot) -> str | None:
+    if snapshot.content is None:
+        return None
+    try:
+        return snapshot.content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnsupportedConfig(str(snapshot.path), "not UTF-8 text; refusing to edit") from None
+
+
+def _encode(text: str | None) -> bytes:
+    assert text is not None
+    return text.encode("utf-8")
+
+
+def _describe(plan: TargetPlan) -> str:
+    return (
+        ", ".join(f"{change.action} {change.key}" for change in plan.changes) or "no entry change"
+    )

@@ -1,0 +1,318 @@
+"""Restarting containerd, and proving it came back healthy.
+
+containerd reads config.toml only at start, and SIGHUP kills it, so a changed auth table
+needs a real restart. Three strategies, chosen by ``--reload`` in :func:`make_restarter`:
+
+* ``none``: the operator restarts containerd; the agent only writes files.
+* ``command``: run a command (``--reload-command``), e.g. ``nsenter -t 1 -m -- systemctl
+  restart containerd``.
+* ``systemd``: ask systemd over D-Bus (``RestartUnit``) on the host's system bus socket, and
+  wait for the job to finish (the ``JobRemoved`` signal).
+
+A restart that "succeeded" proves little: a config error can leave containerd running with
+its CRI plugin down. :func:`wait_for_cri` polls the CRI ``Version`` call, and
+:func:`restart_and_check` does both under one time budget; on :class:`ReloadFailed` the
+caller (the reconciler) restores the previous config and calls it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Protocol
+
+from node_agent.cri import CriClient, CriError, RuntimeVersion
+from node_agent.errors import ReloadFailed
+
+RELOAD_MODES = ("none", "command", "systemd")
+DEFAULT_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
+CONTAINERD_UNIT = "containerd.service"
+
+_MAX_STDERR_LINE = 200
+_STDERR_TAIL_BYTES = 4096
+
+
+class Restarter(Protocol):
+    """Restarts containerd. Returns once the restart itself has finished."""
+
+    def restart(self, *, timeout: float) -> None:
+        """Raise :class:`ReloadFailed` when the restart failed or took longer than ``timeout``."""
+
+
+class NoRestart:
+    """``--reload none``: someone else restarts containerd."""
+
+    def restart(self, *, timeout: float) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NoRestart()"
+
+
+# --- command ------------------------------------------------------------------------------
+
+
+class CommandRestarter:
+    """``--reload command``: run ``argv``; a non-zero exit or a timeout is a failed restart."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        if not argv:
+            raise ValueError("the restart command is empty")
+        self._argv = tuple(argv)
+
+    def __repr__(self) -> str:
+        return f"CommandRestarter({list(self._argv)!r})"
+
+    def restart(self, *, timeout: float) -> None:
+        program = self._argv[0]
+        # stderr goes to a file, not a pipe: memory stays bounded whatever the command prints,
+        # and a leftover grandchild holding the pipe open cannot make us wait past the timeout.
+        with tempfile.TemporaryFile() as stderr:
+            exit_code = _run_in_own_group(self._argv, stderr=stderr, timeout=timeout)
+            if exit_code != 0:
+                last_line = _last_line(_tail(stderr, _STDERR_TAIL_BYTES))
+                raise ReloadFailed(f"{program} exited with code {exit_code}: {last_line}")
+
+
+def _run_in_own_group(argv: Sequence[str], *, stderr: IO[bytes], timeout: float) -> int:
+    """Run ``argv`` in a new session; on timeout kill the whole group, not just the leader."""
+    program = argv[0]
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    except OSError as error:
+        raise ReloadFailed(f"cannot run {program}: {error.strerror or error}") from error
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        _kill_group(process)
+        raise ReloadFailed(f"{program} did not finish within {timeout:g}s; killed") from error
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it finished between timeout and kill
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _tail(file: IO[bytes], size: int) -> bytes:
+    file.seek(0, os.SEEK_END)
+    file.seek(max(0, file.tell() - size))
+    return file.read()
+
+
+def _last_line(output: bytes) -> str:
+    """The last non-empty line, printable and capped: stderr could hold anything."""
+    lines = output.decode(errors="replace").splitlines()
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    printable = "".join(char if char.isprintable() else "?" for char in last)
+    if not printable:
+        return "(no output on stderr)"
+    if len(printable) > _MAX_STDERR_LINE:
+        return printable[:_MAX_STDERR_LINE] + "…"
+    return printable
+
+
+# --- systemd over D-Bus -------------------------------------------------------------------
+
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
+
+_MAX_DBUS_MESSAGE = 200
+
+
+class SystemdRestarter:
+    """``--reload systemd``: ``RestartUnit(unit, "replace")`` and wait for its ``JobRemoved``.
+
+    ``RestartUnit`` only queues a job and answers with its object path; the job's outcome
+    ("done", "failed", "timeout", …) arrives later in the ``JobRemoved`` signal, which systemd
+    emits only to clients that called ``Subscribe``.
+    """
+
+    def __init__(
+        self, *, bus_address: str = DEFAULT_BUS_ADDRESS, unit: str = CONTAINERD_UNIT
+    ) -> None:
+        self._bus_address = bus_address
+        self._unit = unit
+
+    def __repr__(self) -> str:
+        return f"SystemdRestarter(bus_address={self._bus_address!r}, unit={self._unit!r})"
+
+    def restart(self, *, timeout: float) -> None:
+        from jeepney import AuthenticationError  # noqa: PLC0415  (jeepney: only this mode)
+        from jeepney.wrappers import DBusErrorResponse  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        try:
+            result = self._restart_and_wait(deadline)
+        except DBusErrorResponse as error:
+            raise ReloadFailed(
+                f"systemd refused to restart {self._unit}: {_dbus_error_text(error)}"
+            ) from error
+        except TimeoutError as error:
+            raise ReloadFailed(
+                f"restart of {self._unit} did not finish within {timeout:g}s"
+            ) from error
+        except (OSError, AuthenticationError) as error:
+            raise ReloadFailed(f"cannot talk to systemd on {self._bus_address}: {error}") from error
+        if result != "done":
+            raise ReloadFailed(f"systemd's restart job for {self._unit} ended with {result!r}")
+
+    def _restart_and_wait(self, deadline: float) -> str:
+        """Returns the job result. D-Bus errors and timeouts propagate to :meth:`restart`."""
+        from jeepney import message_bus  # noqa: PLC0415
+        from jeepney.io.blocking import open_dbus_connection  # noqa: PLC0415
+
+        with open_dbus_connection(self._bus_address, auth_timeout=_remaining(deadline)) as bus:
+            # The bus resolves the well-known name in its own rule; the signals we then get
+            # carry systemd's unique name, which the local filter therefore must not check.
+            _call(bus, message_bus.AddMatch(_job_removed_rule(SYSTEMD_BUS_NAME)), deadline)
+            # Filter before RestartUnit: signals that arrive while we wait for its reply are
+            # queued instead of dropped, so a fast job cannot finish unseen.
+            with bus.filter(_job_removed_rule(None), queue=deque()) as removed_jobs:
+                _call(bus, _manager_call("Subscribe"), deadline)
+                restart = _manager_call("RestartUnit", "ss", (self._unit, "replace"))
+                (job_path,) = _call(bus, restart, deadline)
+                return _wait_for_job(bus, removed_jobs, job_path, deadline)
+
+
+def _job_removed_rule(sender: str | None) -> Any:
+    from jeepney import MatchRule  # noqa: PLC0415
+
+    return MatchRule(
+        type="signal",
+        sender=sender,
+        interface=SYSTEMD_MANAGER,
+        member="JobRemoved",
+        path=SYSTEMD_PATH,
+    )
+
+
+def _manager_call(method: str, signature: str | None = None, body: tuple[Any, ...] = ()) -> Any:
+    from jeepney import DBusAddress, new_method_call  # noqa: PLC0415
+
+    manager = DBusAddress(SYSTEMD_PATH, bus_name=SYSTEMD_BUS_NAME, interface=SYSTEMD_MANAGER)
+    return new_method_call(manager, method, signature, body)
+
+
+def _call(bus: Any, message: Any, deadline: float) -> tuple[Any, ...]:
+    from jeepney.wrappers import unwrap_msg  # noqa: PLC0415
+
+    reply = bus.send_and_get_reply(message, timeout=_remaining(deadline))
+    body: tuple[Any, ...] = unwrap_msg(reply)  # raises DBusErrorResponse for error replies
+    return body
+
+
+def _wait_for_job(bus: Any, removed_jobs: deque[Any], job_path: str, deadline: float) -> str:
+    """Consume JobRemoved signals until ours; jobs of other units are skipped."""
+    while True:
+        job_removed = bus.recv_until_filtered(removed_jobs, timeout=_remaining(deadline))
+        _job_id, removed_path, _unit, result = job_removed.body
+        if removed_path == job_path:
+            return str(result)
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    return remaining
+
+
+def _dbus_error_text(error: Any) -> str:
+    """``Name: message`` of a D-Bus error reply, capped: the text comes from another process."""
+    detail = error.data[0] if error.data and isinstance(error.data[0], str) else ""
+    text = f"{error.name}: {detail}" if detail else str(error.name)
+    return text[:_MAX_DBUS_MESSAGE]
+
+
+# --- health -------------------------------------------------------------------------------
+
+# One Version call may take this long: short enough that a wedged runtime cannot eat the
+# whole budget, long enough for a containerd that is busy reconnecting to its shims.
+_MIN_VERSION_CALL_SECONDS = 0.2
+_MAX_VERSION_CALL_SECONDS = 2.0
+
+
+def wait_for_cri(
+    socket_path: str,
+    *,
+    timeout: float,
+    poll_interval: float = 0.1,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RuntimeVersion:
+    """Poll CRI ``Version`` until it answers; raise :class:`ReloadFailed` after ``timeout``.
+
+    Only a successful ``Version`` counts: an open socket, or a gRPC server that answers
+    ``UNIMPLEMENTED`` (containerd running with its CRI plugin failed to load), does not.
+    It always asks at least once, even when ``timeout`` is already used up.
+    """
+    deadline = clock() + timeout
+    with CriClient(socket_path) as cri:
+        while True:
+            call_timeout = _clamp(
+                deadline - clock(), _MIN_VERSION_CALL_SECONDS, _MAX_VERSION_CALL_SECONDS
+            )
+            try:
+                return cri.version(timeout=call_timeout)
+            except CriError as error:
+                last_error = f"{error.code}: {error.details}"
+            remaining = deadline - clock()
+            if remaining <= 0:
+                break
+            sleep(min(poll_interval, remaining))
+    raise ReloadFailed(
+        f"CRI on {socket_path} did not answer Version within {timeout:g}s (last: {last_error})"
+    )
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(value, high))
+
+
+def restart_and_check(restarter: Restarter, *, socket_path: str, timeout: float) -> RuntimeVersion:
+    """Restart containerd, then wait for CRI; both share one ``timeout`` budget."""
+    started = time.monotonic()
+    restarter.restart(timeout=timeout)
+    remaining = timeout - (time.monotonic() - started)
+    return wait_for_cri(socket_path, timeout=max(remaining, 0.0))
+
+
+# --- choosing a strategy --------------------------------------------------------------------
+
+
+def make_restarter(mode: str, *, command: str | None, bus_address: str) -> Restarter:
+    """The :class:`Restarter` for ``--reload MODE``; ``command`` is ``--reload-command``.
+
+    Raises ValueError for an unknown mode or a command that does not fit the mode.
+    """
+    if mode not in RELOAD_MODES:
+        raise ValueError(f"unknown reload mode {mode!r}; expected one of {', '.join(RELOAD_MODES)}")
+    if mode != "command":
+        if command is not None:
+            raise ValueError(f"--reload-command is only used with --reload command, not {mode}")
+        return NoRestart() if mode == "none" else SystemdRestarter(bus_address=bus_address)
+    return CommandRestarter(_split_command(command))
+
+
+def _split_command(command: str | None) -> list[str]:
+    if command is None or not command.strip():
+        raise ValueError("--reload command needs --reload-command")
+    try:
+        return shlex.split(command)
+    except ValueError as error:
+        raise ValueError(f"--reload-command cannot be parsed: {error}") from error

@@ -1,0 +1,64 @@
+"""Node file formats. One module per format, each a pure implementation of `NodeFileFormat`.
+
+A format knows how to read the registry entries out of a file's text and how to render the
+text with some entries replaced or removed, changing nothing else. It never does I/O: the
+applier (`node_agent.apply`) reads and writes files, `node_agent.reconcile` decides what to
+change.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from node_agent.credentials import RegistryAuth
+
+#: The fields of one registry entry exactly as the node file stores them
+#: (e.g. {"username": "u", "password": "p"} for containerd, {"auth": "dTpw"} for kubelet).
+Entry = Mapping[str, Any]
+
+
+class FormatError(Exception):
+    """The text cannot be read or edited safely. The message names the problem, never a value.
+
+    The applier turns it into `UnsupportedConfig` with the file's path.
+    """
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A credential this file cannot use; `reason` is shown as a warning (no values in it)."""
+
+    reason: str
+
+
+class NodeFileFormat(Protocol):
+    """What every node file format offers. All methods are pure and deterministic."""
+
+    #: Short name used in flags, metrics labels and messages: "containerd" or "kubelet".
+    name: str
+
+    def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
+        """The key and entry this file should hold for `registry` (normalised, see
+        `node_agent.credentials.normalise_registry`), or why it cannot hold one."""
+        ...
+
+    def entries(self, text: str | None) -> dict[str, dict[str, Any]]:
+        """The registry entries in `text` (None = file missing), by the key the file uses.
+
+        Raises FormatError when the text is not a file this format can edit.
+        """
+        ...
+
+    def render(self, text: str | None, updates: Mapping[str, Entry | None]) -> str:
+        """`text` with each key in `updates` set to its entry, or removed when None.
+
+        Everything not named in `updates` is preserved (byte-for-byte where the format allows).
+        `render(text, {})` returns `text` unchanged. A None `text` means the file does not
+        exist yet: the result is a new, minimal, valid file. Raises FormatError.
+        """
+        ...
+
+    def redact(self, text: str) -> str:
+        """`text` with every credential value (username, password, auth, identitytoken,
+        registrytoken) of every registry entry replaced by "***", for showing diffs."""
+        ...

@@ -1,0 +1,864 @@
+"""containerd's `/etc/containerd/config.toml`, registry auth tables only. Pure.
+
+The entries are the `auth` tables under the CRI registry of the file's config version
+(FACTS 1): `plugins."io.containerd.grpc.v1.cri".registry.configs."HOST".auth` for
+`version = 2`, `plugins."io.containerd.cri.v1.images".registry.configs."HOST".auth` for
+`version = 3`. Files without a version (the v1 layout) or with another one are refused.
+
+Reading uses the stdlib `tomllib`. Editing uses `tomlkit`, whose document model renders the
+untouched parts of the file byte-for-byte, plus two things of our own:
+
+* New `[...auth]` tables and removed tables are marked in the document by placeholder lines
+  (`\\x00N\\x00`, which no valid TOML text contains) and spliced into the rendered text
+  afterwards. That way we, not tomlkit, decide indentation and blank lines: a new table
+  copies an existing sibling `auth` table, else indents like containerd's own generator
+  (one unit per table level, unit measured on the file), and takes the blank-line habit of
+  the spot it lands in. Adding a table and removing it again gives back the original bytes.
+* Every edit is checked by parsing the result with `tomllib`: the data must equal the old
+  data with exactly the requested `auth` tables changed. Anything else raises FormatError,
+  so a tomlkit surprise can never reach the node.
+
+Inline tables on the path (`configs = { ... }`, `auth = { ... }`) are edited by re-rendering
+that one inline table (it is a single line); dotted keys (`auth.username = ...`) are edited
+in place. No message ever holds a value from the file: parser messages can quote the
+offending text, so only their line and column are kept.
+"""
+
+import re
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from functools import cached_property
+from typing import Any, Final
+
+import tomlkit
+from tomlkit.container import Container
+from tomlkit.exceptions import ParseError, TOMLKitError
+from tomlkit.items import (
+    Comment,
+    InlineTable,
+    Item,
+    Key,
+    KeyType,
+    Null,
+    SingleKey,
+    String,
+    StringType,
+    Table,
+    Whitespace,
+)
+
+from node_agent.credentials import DOCKER_HUB, RegistryAuth
+from node_agent.targets import Entry, FormatError, Skip
+
+#: The CRI plugin holding the registry configuration, by config version (FACTS 1).
+PLUGIN_BY_VERSION: Final = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.images"}
+#: containerd looks credentials up under the host it contacts; for Docker Hub that is not
+#: `docker.io` (FACTS 3, 15).
+DOCKER_HUB_HOST: Final = "registry-1.docker.io"
+CREDENTIAL_FIELDS: Final = frozenset(
+    {"username", "password", "auth", "identitytoken", "registrytoken"}
+)
+REDACTED: Final = "***"
+
+# Path indexes of the keys in plugins.PLUGIN.registry.configs.HOST.auth.
+_CONFIGS, _HOST, _AUTH = 3, 4, 5
+_SENTINEL: Final = re.compile("\x00([0-9]+)\x00\n")
+_PARSER_POSITION: Final = re.compile(r"\(at (line \d+, column \d+|end of document)\)\s*$")
+_BLANK_LINE_BEFORE_HEADER: Final = re.compile(r"\n[ \t]*\r?\n[ \t]*\[")
+_ENDS_WITH_BLANK_LINE: Final = re.compile(r"(?:\A|\n)[ \t]*\r?\n\Z")
+_NEW_FILE_FIELD_INDENT: Final = "  "
+
+
+class ContainerdFormat:
+    """`NodeFileFormat` for containerd's config.toml (config versions 2 and 3)."""
+
+    name = "containerd"
+
+    def __init__(self, *, new_file_version: int = 2) -> None:
+        """`new_file_version`: the config version written when the file does not exist yet."""
+        if new_file_version not in PLUGIN_BY_VERSION:
+            raise ValueError("new_file_version must be 2 or 3")
+        self.new_file_version = new_file_version
+
+    def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
+        # containerd prefers username/password, then identitytoken, then `auth` (FACTS 2);
+        # we write only the field it will use.
+        host = DOCKER_HUB_HOST if registry == DOCKER_HUB else registry
+        if auth.username:
+            return host, {"username": auth.username, "password": auth.password}
+        if auth.identitytoken:
+            return host, {"identitytoken": auth.identitytoken}
+        if auth.password:
+            return host, {"auth": auth.basic_auth_token()}
+        return Skip("credential has no username, password or identitytoken")
+
+    def entries(self, text: str | None) -> dict[str, dict[str, Any]]:
+        if text is None:
+            return {}
+        data = _load(text)
+        configs = _configs_in(data, _plugin_of(data))
+        return {host: dict(config["auth"]) for host, config in configs.items() if "auth" in config}
+
+    def render(self, text: str | None, updates: Mapping[str, Entry | None]) -> str:
+        if text is not None and not updates:
+            return text
+        new_file = text is None
+        text = f"version = {self.new_file_version}\n" if text is None else text
+        data = _load(text)
+        plugin = _plugin_of(data)
+        changes = _real_changes(_configs_in(data, plugin), updates)
+        if not changes:
+            return text
+        layout = _Layout.new_file() if new_file else _Layout.of(text)
+        editor = _Editor(_parse_document(text), plugin, layout)
+        try:
+            for host, entry in changes.items():
+                editor.apply(host, entry)
+            result = editor.result()
+        except TOMLKitError:
+            # tomlkit's messages may quote the value it choked on.
+            raise FormatError("tomlkit could not edit the registry tables; refusing") from None
+        _verify(data, result, plugin, changes)
+        return result
+
+    def redact(self, text: str) -> str:
+        document = _parse_document(text)
+        for table in _credential_tables(document):
+            for key, item in list(_body(table)):
+                if key is not None and key.key in CREDENTIAL_FIELDS and _is_value(item):
+                    table[key.key] = _string_like(REDACTED, item)
+        return document.as_string()
+
+
+# Reading (tomllib)
+
+
+def _load(text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # The parser's message can quote the offending text (a password, say): keep only
+        # the position, and do not chain the original.
+        raise FormatError(
+            f"config is not valid TOML ({_position_of(error)}); refusing to edit"
+        ) from None
+
+
+def _position_of(error: tomllib.TOMLDecodeError) -> str:
+    match = _PARSER_POSITION.search(str(error))
+    return f"at {match.group(1)}" if match else "position unknown"
+
+
+def _plugin_of(data: Mapping[str, Any]) -> str:
+    if "version" not in data:
+        raise FormatError("config has no 'version' key (containerd v1 layout); refusing to edit")
+    version = data["version"]
+    if type(version) is not int or version not in PLUGIN_BY_VERSION:
+        raise FormatError("config 'version' is neither 2 nor 3; refusing to edit")
+    return PLUGIN_BY_VERSION[version]
+
+
+def _configs_in(data: Mapping[str, Any], plugin: str) -> dict[str, dict[str, Any]]:
+    """`registry.configs` of `plugin`, checked to be tables down to each `auth`."""
+    node: Any = data
+    for name in ("plugins", plugin, "registry", "configs"):
+        node = node.get(name, {})
+        if not isinstance(node, dict):
+            raise FormatError(f"'{name}' on the registry path is not a table; refusing to edit")
+    for config in node.values():
+        if not isinstance(config, dict) or not isinstance(config.get("auth", {}), dict):
+            raise FormatError("a registry.configs entry is not a table; refusing to edit")
+    return node  # type: ignore[no-any-return]
+
+
+def _real_changes(
+    configs: Mapping[str, Mapping[str, Any]], updates: Mapping[str, Entry | None]
+) -> dict[str, Entry | None]:
+    """The updates that change something; the others must not touch the file at all."""
+    return {
+        host: entry
+        for host, entry in updates.items()
+        if (None if entry is None else dict(entry)) != configs.get(host, {}).get("auth")
+    }
+
+
+# Verification (tomllib again)
+
+
+def _verify(
+    before: Mapping[str, Any], text: str, plugin: str, changes: Mapping[str, Entry | None]
+) -> None:
+    try:
+        after = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise FormatError("the edit would not be valid TOML; refusing to write") from None
+    expected = _with_changes(before, plugin, changes)
+    _prune_registry_path(after, plugin, changes)
+    if after != expected:
+        raise FormatError("the edit would change more than the registry auth tables; refusing")
+
+
+def _with_changes(
+    data: Mapping[str, Any], plugin: str, changes: Mapping[str, Entry | None]
+) -> dict[str, Any]:
+    """`data` with the changes applied, copied only along the registry path."""
+    result = dict(data)
+    node = result
+    for name in ("plugins", plugin, "registry", "configs"):
+        node[name] = dict(node.get(name, {}))
+        node = node[name]
+    for host, entry in changes.items():
+        config = dict(node.get(host, {}))
+        config.pop("auth", None)
+        if entry is not None:
+            config["auth"] = dict(entry)
+        node[host] = config
+    _prune_registry_path(result, plugin, changes)
+    return result
+
+
+def _prune_registry_path(data: dict[str, Any], plugin: str, hosts: Iterable[str]) -> None:
+    """Drop tables on the registry path that are empty: whether an emptied `configs` or
+    a `registry` we created stays as an empty table is layout, not meaning."""
+    names = ("plugins", plugin, "registry", "configs")
+    chain = [data]
+    for name in names:
+        child = chain[-1].get(name)
+        if not isinstance(child, dict):
+            return
+        chain.append(child)
+    configs = chain[-1]
+    for host in hosts:
+        if configs.get(host) == {}:
+            del configs[host]
+    for parent, name in reversed(list(zip(chain[:-1], names, strict=True))):
+        if parent[name] == {}:
+            del parent[name]
+
+
+# The tomlkit document
+
+
+def _parse_document(text: str) -> tomlkit.TOMLDocument:
+    try:
+        return tomlkit.parse(text)
+    except ParseError as error:
+        # e.g. tomlkit issue #571: valid TOML (tomllib reads it) that tomlkit cannot load.
+        raise FormatError(
+            f"tomlkit cannot load this config (line {error.line}, column {error.col}); "
+            "refusing to edit"
+        ) from None
+    except TOMLKitError:
+        raise FormatError("tomlkit cannot load this config; refusing to edit") from None
+
+
+AnyTable = Container | Table | InlineTable
+
+
+@dataclass(frozen=True, eq=False)
+class _Node:
+    """One occurrence of a table in the document. A table can occur several times: dotted
+    keys (`auth.username = ...`) and out-of-order headers each make one occurrence."""
+
+    item: AnyTable
+    key: Key | None
+    parent: "_Node | None"
+    #: Index of `key` in the path plugins.PLUGIN.registry.configs.HOST.auth (root: -1).
+    depth: int
+
+    @property
+    def is_dotted(self) -> bool:
+        return self.key is not None and self.key.is_dotted()
+
+    @property
+    def is_inline(self) -> bool:
+        return isinstance(self.item, InlineTable)
+
+    @property
+    def is_block(self) -> bool:
+        """The document or a `[header]` table (possibly implicit): new headers may follow."""
+        return isinstance(self.item, Container) or (
+            isinstance(self.item, Table) and not self.is_dotted
+        )
+
+    @property
+    def is_header(self) -> bool:
+        return (
+            isinstance(self.item, Table) and not self.item.is_super_table() and not self.is_dotted
+        )
+
+    @property
+    def header_indent(self) -> str:
+        """The whitespace before this table's `[header]` on its line."""
+        return _line_indent(self.item) if isinstance(self.item, Table) else ""
+
+    def chain(self) -> list["_Node"]:
+        """This node and its ancestors, outermost first, without the document."""
+        nodes: list[_Node] = []
+        node: _Node | None = self
+        while node is not None and node.key is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+
+def _body(table: AnyTable) -> list[tuple[Key | None, Item]]:
+    return table.body if isinstance(table, Container) else table.value.body
+
+
+def _container(table: AnyTable) -> Container:
+    return table if isinstance(table, Container) else table.value
+
+
+def _children(parents: Sequence[_Node], name: str) -> list[_Node]:
+    """The occurrences of table `name` in `parents`; FormatError if `name` is a value."""
+    found = []
+    for parent in parents:
+        for key, item in _body(parent.item):
+            if key is None or key.key != name:
+                continue
+            if not isinstance(item, (Table, InlineTable)):
+                raise FormatError(f"'{name}' on the registry path is not a table; refusing")
+            found.append(_Node(item, key, parent, parent.depth + 1))
+    return found
+
+
+def _resolve(document: tomlkit.TOMLDocument, path: Sequence[str]) -> list[list[_Node]]:
+    """The occurrences of each table along `path`, in document order, as deep as it exists."""
+    levels = [[_Node(document, None, None, -1)]]
+    for name in path:
+        found = _children(levels[-1], name)
+        if not found:
+            break
+        levels.append(found)
+    return levels
+
+
+def _is_value(item: Item) -> bool:
+    return not isinstance(item, (Table, InlineTable, Whitespace, Comment, Null))
+
+
+def _fields(table: AnyTable) -> list[tuple[Key, Item]]:
+    return [(key, item) for key, item in _body(table) if key is not None]
+
+
+def _first_value(table: AnyTable) -> Item | None:
+    """The first key/value item of `table`, looking through dotted keys (`a.b = 1` stores
+    its line's indent on the value)."""
+    for key, item in _fields(table):
+        if isinstance(item, Table) and key.is_dotted():
+            if (found := _first_value(item)) is not None:
+                return found
+        elif not isinstance(item, Table):
+            return item
+    return None
+
+
+def _line_indent(item: Item) -> str:
+    """The whitespace before an item on its own line."""
+    return item.trivia.indent.rsplit("\n", 1)[-1]
+
+
+def _key_text(key: Key) -> str:
+    return key.as_string().strip()
+
+
+# Style of the file, for the tables we add
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the file lays out tables. Measured once per render, on the original text."""
+
+    newline: str
+    #: Whether tables are separated by blank lines (decides the separator at the file's end).
+    blank_lines: bool
+    #: For a new file: header indent unit and field indent; None means "measure the document".
+    fixed_units: tuple[str, str] | None = None
+
+    @classmethod
+    def of(cls, text: str) -> "_Layout":
+        newline = "\r\n" if "\r\n" in text else "\n"
+        return cls(newline, bool(_BLANK_LINE_BEFORE_HEADER.search(text)))
+
+    @classmethod
+    def new_file(cls) -> "_Layout":
+        return cls("\n", True, ("", _NEW_FILE_FIELD_INDENT))
+
+
+@dataclass
+class _Units:
+    """Indentation measured on the document: per table level, and from header to fields."""
+
+    header: str
+    field: str
+
+    @classmethod
+    def measure(cls, document: tomlkit.TOMLDocument) -> "_Units":
+        header, field_step = "", ""
+        found_header = found_field = False
+        for node in _header_tables(_Node(document, None, None, -1)):
+            indent = node.header_indent
+            if not found_header and node.depth >= 1:
+                header, found_header = _per_level(indent, node.depth), True
+            if not found_field and (first := _first_value(node.item)) is not None:
+                field_step, found_field = _step(indent, _line_indent(first)), True
+            if found_header and found_field:
+                break
+        return cls(header, field_step if found_field else header)
+
+
+def _header_tables(node: _Node) -> Iterator[_Node]:
+    """Header tables under `node`, depth first, in document order."""
+    for key, item in _body(node.item):
+        if isinstance(item, Table) and key is not None and not key.is_dotted():
+            child = _Node(item, key, node, node.depth + 1)
+            if child.is_header:
+                yield child
+            yield from _header_tables(child)
+
+
+def _per_level(indent: str, depth: int) -> str:
+    """The indent of one level, given a header's indent at `depth` (0 = top level)."""
+    if not indent or depth == 0 or len(indent) % depth:
+        return ""
+    return indent[: len(indent) // depth]
+
+
+def _step(outer: str, inner: str) -> str:
+    return inner[len(outer) :] if inner.startswith(outer) else inner
+
+
+# Edits
+
+
+@dataclass(frozen=True)
+class _NewTable:
+    """A table to splice in where its placeholder is."""
+
+    lines: str
+    #: Comment lines the placeholder follows that belong to the next table: the new table
+    #: goes above them.
+    comment_below: str
+
+    def splice(self, done: str, at_end: bool, layout: _Layout) -> str:
+        comment = self.comment_below if done.endswith(self.comment_below) else ""
+        head = done[: len(done) - len(comment)]
+        if head and not head.endswith("\n"):
+            head += layout.newline
+        if _ENDS_WITH_BLANK_LINE.search(head):
+            # Take the blank line we land after, and give one back to what follows.
+            return head + self.lines + layout.newline + comment
+        if at_end and not comment and layout.blank_lines:
+            return head + layout.newline + self.lines
+        return head + self.lines + comment
+
+
+@dataclass(frozen=True)
+class _Removal:
+    """A removed table; its trailing comments belonged to what follows and stay."""
+
+    kept_comments: str
+    ended_with_blank_line: bool
+
+    def splice(self, done: str, at_end: bool, layout: _Layout) -> str:
+        if at_end and not self.kept_comments and not self.ended_with_blank_line:
+            # The table was last and its separator was the blank line before it.
+            done = _without_trailing_blank_lines(done)
+        return done + self.kept_comments
+
+
+def _without_trailing_blank_lines(text: str) -> str:
+    while match := _ENDS_WITH_BLANK_LINE.search(text):
+        if match.start() == 0:
+            return ""
+        text = text[: match.start() + 1]
+    return text
+
+
+@dataclass
+class _Editor:
+    """Applies auth changes to one parsed document; `result()` renders it once."""
+
+    document: tomlkit.TOMLDocument
+    plugin: str
+    layout: _Layout
+    _pending: list[_NewTable | _Removal] = field(default_factory=list)
+    _comment_below: dict[int, str] = field(default_factory=dict)
+
+    def apply(self, host: str, entry: Entry | None) -> None:
+        path = ("plugins", self.plugin, "registry", "configs", host, "auth")
+        levels = _resolve(self.document, path)
+        inline = next((n for level in levels[1:] for n in level if n.is_inline), None)
+        if inline is not None:
+            self._edit_inline(inline, path, entry, levels)
+        elif len(levels) > _AUTH + 1:
+            if entry is None:
+                self._remove_auth(levels[_HOST + 1], levels[_AUTH + 1])
+            else:
+                self._update_fields(levels[_AUTH + 1], entry)
+        elif entry is not None:
+            self._add_auth(levels, path, entry)
+
+    def result(self) -> str:
+        pieces = _SENTINEL.split(self.document.as_string())
+        last_text = max(i for i in range(0, len(pieces), 2) if pieces[i] or i == 0)
+        done = pieces[0]
+        for index in range(1, len(pieces), 2):
+            change = self._pending[int(pieces[index])]
+            done = change.splice(done, index > last_text, self.layout) + pieces[index + 1]
+        return done
+
+    @cached_property
+    def _units(self) -> _Units:
+        if self.layout.fixed_units is not None:
+            return _Units(*self.layout.fixed_units)
+        return _Units.measure(self.document)
+
+    def _placeholder(self, change: _NewTable | _Removal) -> Whitespace:
+        self._pending.append(change)
+        return Whitespace(f"\x00{len(self._pending) - 1}\x00\n")
+
+    # Existing auth tables (headers or dotted keys)
+
+    def _update_fields(self, auth: Sequence[_Node], entry: Entry) -> None:
+        where = {key.key: (node, key, item) for node in auth for key, item in _fields(node.item)}
+        # New fields first, while the old last field still marks where the fields end.
+        new = {name: value for name, value in entry.items() if name not in where}
+        if new:
+            self._append_fields(auth[-1], new)
+        for name, (node, key, item) in where.items():
+            if name not in entry:
+                node.item.remove(key)
+            elif item.unwrap() != entry[name]:
+                node.item[key.key] = _value_item(entry[name], like=item)
+
+    def _append_fields(self, auth: _Node, values: Mapping[str, Any]) -> None:
+        fields = _fields(auth.item)
+        last_key, last = fields[-1] if fields else (None, None)
+        indent = _line_indent(last) if last is not None else auth.header_indent + self._units.field
+        for name, value in values.items():
+            key, item = SingleKey(name), _value_item(value, like=last)
+            item.trivia.indent = indent
+            _insert_field(_container(auth.item), key, item, after=last_key)
+            last_key = key
+
+    def _remove_auth(self, hosts: Sequence[_Node], auth: Sequence[_Node]) -> None:
+        other_keys = {key.key for node in hosts for key, _ in _fields(node.item)} - {"auth"}
+        if not other_keys and len(hosts) == 1 and hosts[0].is_block:
+            self._remove_node(hosts[0])  # nothing else (no tls, no headers) under the host
+            return
+        done: set[int] = set()
+        for node in auth:
+            if id(node.parent) not in done:  # one remove() drops all dotted occurrences
+                done.add(id(node.parent))
+                self._remove_node(node)
+        self._remove_host_if_empty(hosts)
+
+    def _remove_host_if_empty(self, hosts: Sequence[_Node]) -> None:
+        if len(hosts) == 1 and hosts[0].is_header and not _fields(hosts[0].item):
+            self._remove_node(hosts[0])
+
+    def _remove_node(self, node: _Node) -> None:
+        assert node.parent is not None and node.key is not None
+        parent, container = node.parent.item, _container(node.parent.item)
+        if not node.is_block:
+            parent.remove(node.key)  # a key/value line: tomlkit drops the whole line
+            return
+        index = next(i for i, (_, item) in enumerate(container.body) if item is node.item)
+        removal = _removal_of(node.item)
+        parent.remove(node.key)
+        # remove() leaves a Null in the slot; our placeholder takes it.
+        container.body[index] = (None, self._placeholder(removal))
+
+    # New auth tables
+
+    def _add_auth(
+        self, levels: Sequence[Sequence[_Node]], path: Sequence[str], entry: Entry
+    ) -> None:
+        deepest = levels[-1][-1]
+        anchor = deepest
+        while not anchor.is_block:
+            assert anchor.parent is not None
+            anchor = anchor.parent
+        header_indent, field_indent, like = self._new_table_style(levels, deepest)
+        keys = [_key_text(node.key) for node in deepest.chain() if node.key is not None]
+        keys += [_new_key_text(path, i, levels) for i in range(len(keys), len(path))]
+        newline = self.layout.newline
+        lines = f"{header_indent}[{'.'.join(keys)}]{newline}" + "".join(
+            f"{field_indent}{_key_text(SingleKey(name))} = "
+            f"{_value_item(value, like=like).as_string()}{newline}"
+            for name, value in entry.items()
+        )
+        comment = self._comment_below.setdefault(id(anchor.item), _comment_below(anchor.item))
+        _container(anchor.item).append(None, self._placeholder(_NewTable(lines, comment)))
+
+    def _new_table_style(
+        self, levels: Sequence[Sequence[_Node]], deepest: _Node
+    ) -> tuple[str, str, Item | None]:
+        """Header indent, field indent, and a string to copy the quoting of."""
+        sibling = _sibling_table(levels)
+        if sibling is not None:
+            header = sibling.header_indent
+            first = _first_value(sibling.item)
+            if first is not None:
+                return header, _line_indent(first), first
+            return header, header + self._units.field, None
+        ancestor = next((n for n in reversed(deepest.chain()) if n.is_header), None)
+        if ancestor is None:
+            header = self._units.header * _AUTH
+            return header, header + self._units.field, None
+        header = ancestor.header_indent + self._units.header * (_AUTH - ancestor.depth)
+        first = _first_value(ancestor.item)
+        if first is None:
+            return header, header + self._units.field, None
+        return header, header + _step(ancestor.header_indent, _line_indent(first)), first
+
+    # Inline tables
+
+    def _edit_inline(
+        self,
+        inline: _Node,
+        path: Sequence[str],
+        entry: Entry | None,
+        levels: Sequence[Sequence[_Node]],
+    ) -> None:
+        assert isinstance(inline.item, InlineTable) and inline.parent and inline.key
+        text = _inline_with(inline.item, inline.depth, path, entry)
+        if text is None:
+            inline.parent.item.remove(inline.key)
+            if inline.depth == _AUTH:
+                self._remove_host_if_empty(levels[_HOST + 1])
+        else:
+            inline.parent.item[inline.key.key] = _parse_value(text)
+
+
+def _insert_field(container: Container, key: Key, item: Item, *, after: Key | None) -> None:
+    """Put a field right after field `after` (first if None). `append` would put it after
+    the comment lines that may end a table, which usually introduce the next one."""
+    if after is not None:
+        container._insert_after(after, key, item)
+    elif container.body:
+        container._insert_at(0, key, item)
+    else:
+        container.append(key, item)
+
+
+def _sibling_table(levels: Sequence[Sequence[_Node]]) -> _Node | None:
+    """The header table a new auth table should look like: the last
+    `[...configs."OTHER".auth]` of this plugin, else the last other per-host table
+    (`[...configs."OTHER".tls]`), if any."""
+    if len(levels) <= _CONFIGS + 1:
+        return None
+    hosts = [node for node in _tables_under(levels[_CONFIGS + 1]) if isinstance(node.item, Table)]
+    tables = [node for node in _tables_under(hosts) if node.is_header]
+    auth_tables = [node for node in tables if node.key is not None and node.key.key == "auth"]
+    candidates = auth_tables or tables
+    return candidates[-1] if candidates else None
+
+
+def _new_key_text(path: Sequence[str], index: int, levels: Sequence[Sequence[_Node]]) -> str:
+    name = path[index]
+    if index == _HOST:
+        return _host_key_text(name, levels)
+    key = SingleKey(name)  # quotes only when needed: the plugin name has dots
+    return _key_text(key)
+
+
+def _host_key_text(host: str, levels: Sequence[Sequence[_Node]]) -> str:
+    """Hosts are always quoted; with single quotes when the sibling hosts are."""
+    siblings = [
+        key
+        for configs in (levels[_CONFIGS + 1] if len(levels) > _CONFIGS + 1 else [])
+        for key, _ in _fields(configs.item)
+    ]
+    literal = (
+        bool(siblings)
+        and isinstance(siblings[-1], SingleKey)
+        and siblings[-1].t is KeyType.Literal
+        and _literal_safe(host)
+    )
+    return _key_text(SingleKey(host, t=KeyType.Literal if literal else KeyType.Basic))
+
+
+def _comment_below(table: AnyTable) -> str:
+    """The comment block that ends `table`'s last descendant, if a blank line detaches it
+    from the content above: it introduces whatever follows, so new tables go above it."""
+    trailing = _trailing_trivia(table)
+    first_comment = next((i for i, item in enumerate(trailing) if isinstance(item, Comment)), None)
+    if first_comment is None:
+        return ""
+    above = trailing[:first_comment]
+    if not any(isinstance(item, Whitespace) and "\n" in item.s for item in above):
+        return ""
+    return "".join(item.as_string() for item in trailing[first_comment:])
+
+
+def _removal_of(table: AnyTable) -> _Removal:
+    trailing = _trailing_trivia(table)
+    first_comment = next(
+        (i for i, item in enumerate(trailing) if isinstance(item, Comment)), len(trailing)
+    )
+    return _Removal(
+        kept_comments="".join(item.as_string() for item in trailing[first_comment:]),
+        ended_with_blank_line=any(
+            isinstance(item, Whitespace) and "\n" in item.s for item in trailing[:first_comment]
+        ),
+    )
+
+
+def _trailing_trivia(table: AnyTable) -> list[Item]:
+    """Blank lines and comments at the very end of `table`'s text (its last descendant)."""
+    body = _body(table)
+    while True:
+        last = next(((k, v) for k, v in reversed(body) if not isinstance(v, Null)), None)
+        if last is None or not isinstance(last[1], Table) or last[0] is None:
+            break
+        if last[0].is_dotted():
+            break
+        body = last[1].value.body
+    trailing: list[Item] = []
+    for key, item in reversed(body):
+        if isinstance(item, Null):
+            continue
+        if key is not None or not isinstance(item, (Whitespace, Comment)):
+            break
+        trailing.append(item)
+    return trailing[::-1]
+
+
+def _inline_with(
+    table: InlineTable, depth: int, path: Sequence[str], entry: Entry | None
+) -> str | None:
+    """The text of inline `table` (at `depth` on `path`) with the auth change made, or None
+    when the table should go (the auth table itself, or a host left empty)."""
+    if depth == _AUTH:
+        return None if entry is None else _inline_text(_auth_pairs(table, entry), like=table)
+    pairs: list[tuple[str, str]] = []
+    child_name = path[depth + 1]
+    found = False
+    for key, item in _inline_fields(table):
+        if key.key != child_name:
+            pairs.append((_key_text(key), item.as_string().strip()))
+            continue
+        found = True
+        if not isinstance(item, InlineTable):
+            raise FormatError(f"'{child_name}' on the registry path is not a table; refusing")
+        text = _inline_with(item, depth + 1, path, entry)
+        if text is not None:
+            pairs.append((_key_text(key), text))
+    if not found and entry is not None:
+        pairs.append((_new_inline_key(path, depth + 1), _new_inline_chain(path, depth + 1, entry)))
+    if not pairs and depth == _HOST:
+        return None
+    return _inline_text(pairs, like=table)
+
+
+def _inline_fields(table: InlineTable) -> list[tuple[Key, Item]]:
+    fields = _fields(table)
+    if any(key.is_dotted() or isinstance(item, Table) for key, item in fields):
+        raise FormatError("dotted keys inside an inline registry table; refusing to edit")
+    return fields
+
+
+def _auth_pairs(table: InlineTable | None, entry: Entry) -> list[tuple[str, str]]:
+    """Fields in their old order (unchanged ones keep their text), new ones at the end."""
+    old = {key.key: (key, item) for key, item in _inline_fields(table)} if table else {}
+    pairs = []
+    for name, (key, item) in old.items():
+        if name in entry:
+            same = item.unwrap() == entry[name]
+            value = (
+                item.as_string().strip()
+                if same
+                else _value_item(entry[name], like=item).as_string()
+            )
+            pairs.append((_key_text(key), value))
+    for name, value in entry.items():
+        if name not in old:
+            pairs.append((_key_text(SingleKey(name)), _value_item(value, like=None).as_string()))
+    return pairs
+
+
+def _new_inline_key(path: Sequence[str], index: int) -> str:
+    name = path[index]
+    return _key_text(SingleKey(name, t=KeyType.Basic) if index == _HOST else SingleKey(name))
+
+
+def _new_inline_chain(path: Sequence[str], index: int, entry: Entry) -> str:
+    """`{ next = { ... = { auth fields } } }` for the path below `path[index]`."""
+    if index == _AUTH:
+        return _inline_text(_auth_pairs(None, entry), like=None)
+    key = _new_inline_key(path, index + 1)
+    return _inline_text([(key, _new_inline_chain(path, index + 1, entry))], like=None)
+
+
+def _inline_text(pairs: Sequence[tuple[str, str]], *, like: InlineTable | None) -> str:
+    if not pairs:
+        return "{}"
+    spaced = like is None or like.as_string().startswith("{ ")
+    inner = ", ".join(f"{key} = {value}" for key, value in pairs)
+    return f"{{ {inner} }}" if spaced else f"{{{inner}}}"
+
+
+# Values
+
+
+def _value_item(value: Any, *, like: Item | None) -> Item:
+    """A tomlkit item for a field value; strings copy the quoting of `like` when they can."""
+    if isinstance(value, str):
+        return _string_like(value, like)
+    if isinstance(value, bool | int | float | datetime | date | time):
+        return tomlkit.item(value)
+    return _parse_value(_value_text(value))
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, Mapping):
+        pairs = [(_key_text(SingleKey(str(k))), _value_text(v)) for k, v in value.items()]
+        return _inline_text(pairs, like=None)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    return _value_item(value, like=None).as_string()
+
+
+def _string_like(value: str, like: Item | None) -> String:
+    literal = isinstance(like, String) and like.type is StringType.SLL and _literal_safe(value)
+    return tomlkit.string(value, literal=literal)
+
+
+def _literal_safe(value: str) -> bool:
+    return "'" not in value and all(c == "\t" or (c >= " " and c != "\x7f") for c in value)
+
+
+def _parse_value(text: str) -> Item:
+    item = tomlkit.parse(f"v = {text}\n").item("v")
+    assert isinstance(item, Item)
+    return item
+
+
+# Redaction
+
+
+def _credential_tables(document: tomlkit.TOMLDocument) -> Iterator[AnyTable]:
+    """Every table that holds registry credentials: `registry.configs.*.auth` and the legacy
+    `registry.auths.*`, of every plugin (so the v1 `plugins.cri` layout is covered too)."""
+    root = _Node(document, None, None, -1)
+    plugins = _children([root], "plugins")
+    registries = _children(_tables_under(plugins), "registry")
+    hosts = _tables_under(_children(registries, "configs"))
+    for node in _children(hosts, "auth") + _tables_under(_children(registries, "auths")):
+        if isinstance(node.item, (Table, InlineTable)):
+            yield node.item
+
+
+def _tables_under(parents: Sequence[_Node]) -> list[_Node]:
+    return [
+        _Node(item, key, parent, parent.depth + 1)
+        for parent in parents
+        if isinstance(parent.item, (Table, InlineTable))
+        for key, item in _body(parent.item)
+        if key is not None and isinstance(item, (Table, InlineTable))
+    ]

@@ -1,0 +1,219 @@
+"""The command line contract: flags, env vars, exit codes, output, and that nothing leaks."""
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node_agent.cli import main, parse_duration
+
+PASSWORD = "Pa55-w0rd-never-printed"
+CRI = "io.containerd.grpc.v1.cri"
+
+
+def secret_file(tmp_path: Path, auths: dict[str, object]) -> Path:
+    path = tmp_path / "secret.json"
+    path.write_text(json.dumps({"auths": auths}))
+    return path
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    """A node tree: config.toml with a foreign host, kubelet config.json with a foreign entry."""
+    root = tmp_path / "host"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "var/lib/kubelet").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text(
+        f'version = 2\n\n[plugins."{CRI}".registry.configs."other.example".auth]\n'
+        '  username = "them"\n  password = "theirs"\n'
+    )
+    (root / "var/lib/kubelet/config.json").write_text('{"auths": {"quay.io": {"auth": "cTpx"}}}\n')
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> int:
+    return main(list(args), environ=env or {})
+
+
+def node_flags(host: Path, secret: Path) -> list[str]:
+    return ["--secret-file", str(secret), "--host-root", str(host), "--reload", "none"]
+
+
+def test_reconcile_applies_and_exits_0(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    assert run("reconcile", *node_flags(host, secret)) == 0
+    assert "reg.example" in (host / "etc/containerd/config.toml").read_text()
+    assert "reg.example" in (host / "var/lib/kubelet/config.json").read_text()
+    assert (host / "var/lib/node-agent/owned.json").exists()
+    out, err = capsys.readouterr()
+    assert "containerd: add reg.example" in out
+    assert PASSWORD not in out + err
+
+
+def test_reconcile_again_is_a_no_op(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    run("reconcile", *node_flags(host, secret))
+    before = {p: p.stat().st_mtime_ns for p in host.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run("reconcile", *node_flags(host, secret)) == 0
+    assert {p: p.stat().st_mtime_ns for p in host.rglob("*") if p.is_file()} == before
+    assert capsys.readouterr().out == "containerd: in sync\nkubelet: in sync\n"
+
+
+BAD_SECRETS = [
+    ("not json", "{oops", "document"),
+    ("bad base64", '{"auths": {"r.example": {"auth": "***"}}}', "auth"),
+    ("wrong type", '{"kind": "Secret", "type": "Opaque"}', "type"),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "field"), BAD_SECRETS, ids=[c[0] for c in BAD_SECRETS])
+def test_bad_secret_exits_1_with_one_line_and_changes_nothing(
+    case: str,
+    content: str,
+    field: str,
+    host: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = tmp_path / "bad.json"
+    secret.write_text(content)
+    before = snapshot(host)
+    assert run("reconcile", *node_flags(host, secret)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert str(secret) in err and field in err
+    assert snapshot(host) == before
+
+
+def test_missing_secret_file_exits_1(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("reconcile", *node_flags(host, tmp_path / "absent.json")) == 1
+    assert "absent.json: path: no such file" in capsys.readouterr().err
+
+
+def test_unparseable_containerd_config_exits_1_and_changes_nothing(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (host / "etc/containerd/config.toml").write_text("version = 2\n[[[\n")
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    before = snapshot(host)
+    assert run("reconcile", *node_flags(host, secret)) == 1
+    assert "config.toml" in capsys.readouterr().err
+    assert snapshot(host) == before
+
+
+def test_dry_run_prints_a_redacted_diff_and_writes_nothing(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    before = snapshot(host)
+    assert run("reconcile", "--dry-run", *node_flags(host, secret)) == 0
+    out = capsys.readouterr().out
+    assert "would containerd: add reg.example" in out
+    assert '+  password = "***"' in out or '+password = "***"' in out.replace(" ", "")
+    assert '"auth": "***"' in out
+    assert PASSWORD not in out
+    assert base64.b64encode(f"u:{PASSWORD}".encode()).decode() not in out
+    assert "theirs" not in out  # foreign credentials are redacted too
+    assert snapshot(host) == before
+
+
+def test_check_exits_3_naming_what_differs_then_0_once_applied(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    assert run("check", *node_flags(host, secret)) == 3
+    out = capsys.readouterr().out
+    assert "out of sync: containerd: add reg.example" in out
+    assert "out of sync: kubelet: add reg.example" in out
+    run("reconcile", *node_flags(host, secret))
+    capsys.readouterr()
+    assert run("check", *node_flags(host, secret)) == 0
+    assert capsys.readouterr().out == "in sync\n"
+
+
+def test_every_flag_can_come_from_the_environment(host: Path, tmp_path: Path) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    env = {
+        "NODE_AGENT_SECRET_FILE": str(secret),
+        "NODE_AGENT_HOST_ROOT": str(host),
+        "NODE_AGENT_RELOAD": "none",
+        "NODE_AGENT_TARGETS": "kubelet",
+    }
+    assert run("reconcile", env=env) == 0
+    assert "reg.example" in (host / "var/lib/kubelet/config.json").read_text()
+    assert "reg.example" not in (host / "etc/containerd/config.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["reconcile", "--targets", "docker"],
+        ["reconcile", "--secret-file", "s", "--reload", "command"],
+        ["reconcile", "--secret-file", "s", "--reload-command", "true"],
+        ["reconcile", "--secret-file", "s", "--reload-timeout", "soon"],
+        ["reconcile", "--secret-file", "s", "--containerd-config-version", "1"],
+        ["reconcile"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run(*args)
+    assert exited.value.code == 2
+
+
+def test_json_logs_are_one_object_per_line(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"identitytoken": PASSWORD}})
+    assert run("reconcile", "--log-format", "json", *node_flags(host, secret)) == 0
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert any("kubelet ignores identitytoken" in r["message"] for r in records)
+    assert all(PASSWORD not in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30.0), ("200ms", 0.2), ("5m", 300.0), ("2", 2.0)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_demo_runs_on_the_embedded_sample_without_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("demo", "--dir", str(tmp_path / "demo")) == 0
+    out = capsys.readouterr().out
+    assert "would containerd: add registry-1.docker.io" in out
+    assert "in sync" in out
+    assert "demo-registry-password" not in out
+    assert "***" in out
+
+
+@pytest.mark.skipif(shutil.which("node-agent") is None, reason="package not installed")
+def test_console_script_is_installed() -> None:
+    result = subprocess.run(["node-agent", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert "reconcile" in result.stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "node_agent", "check", "--help"], capture_output=True, check=False
+    )
+    assert module.returncode == 0

@@ -1,0 +1,271 @@
+"""Credentials in: every accepted document shape, key normalisation, priority, and the
+one-line errors for bad input."""
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from node_agent.credentials import (
+    DOCKER_HUB,
+    RegistryAuth,
+    merge_by_priority,
+    normalise_registry,
+    parse_document,
+)
+from node_agent.errors import InvalidCredentials
+from node_agent.sources import load_credentials, load_secret_file
+
+PASSWORD = "s3cr3t-Pa55"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def dockerconfigjson(auths: object) -> bytes:
+    return json.dumps({"auths": auths}).encode()
+
+
+@pytest.mark.parametrize(
+    ("key", "registry"),
+    [
+        ("registry.example.com", "registry.example.com"),
+        ("Registry.Example.COM", "registry.example.com"),
+        ("https://registry.example.com", "registry.example.com"),
+        ("http://registry.example.com:5000/v2/", "registry.example.com:5000"),
+        ("registry.example.com/some/path", "registry.example.com"),
+        ("127.0.0.1:5000", "127.0.0.1:5000"),
+        ("[::1]:5000", "[::1]:5000"),
+        ("docker.io", DOCKER_HUB),
+        ("index.docker.io", DOCKER_HUB),
+        ("registry-1.docker.io", DOCKER_HUB),
+        ("https://index.docker.io/v1/", DOCKER_HUB),
+        ("*.example.com", "*.example.com"),
+    ],
+)
+def test_registry_keys_are_normalised(key: str, registry: str) -> None:
+    assert normalise_registry(key) == registry
+
+
+@pytest.mark.parametrize("key", ["", "   ", "https://", "/v2/", "bad host", "a:b:c"])
+def test_keys_without_a_valid_host_are_rejected(key: str) -> None:
+    with pytest.raises(ValueError, match="host"):
+        normalise_registry(key)
+
+
+def test_dockerconfigjson_with_username_and_password() -> None:
+    raw = dockerconfigjson({"reg.example": {"username": "u", "password": PASSWORD}})
+    assert parse_document("s", raw) == {"reg.example": RegistryAuth("u", PASSWORD)}
+
+
+def test_auth_field_is_decoded_and_wins_over_username_password() -> None:
+    raw = dockerconfigjson(
+        {"reg.example": {"auth": b64(f"u:{PASSWORD}"), "username": "x", "password": "y"}}
+    )
+    assert parse_document("s", raw) == {"reg.example": RegistryAuth("u", PASSWORD)}
+
+
+def test_auth_splits_at_the_first_colon() -> None:
+    raw = dockerconfigjson({"reg.example": {"auth": b64("u:pa:ss")}})
+    assert parse_document("s", raw)["reg.example"].password == "pa:ss"
+
+
+def test_unpadded_base64_auth_is_accepted_like_kubelet_does() -> None:
+    unpadded = b64("user:pw").rstrip("=")
+    raw = dockerconfigjson({"reg.example": {"auth": unpadded}})
+    assert parse_document("s", raw)["reg.example"] == RegistryAuth("user", "pw")
+
+
+def test_identitytoken_only_entry() -> None:
+    raw = dockerconfigjson({"reg.example": {"identitytoken": "tok"}})
+    assert parse_document("s", raw) == {"reg.example": RegistryAuth(identitytoken="tok")}
+
+
+def test_legacy_dockercfg_document() -> None:
+    raw = json.dumps({"https://reg.example/v1/": {"auth": b64("u:p"), "email": "a@b"}}).encode()
+    assert parse_document("s", raw) == {"reg.example": RegistryAuth("u", "p")}
+
+
+def test_secret_manifest_yaml_with_base64_data() -> None:
+    inner = dockerconfigjson({"reg.example": {"auth": b64("u:p")}})
+    manifest = (
+        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/dockerconfigjson\n"
+        f"data:\n  .dockerconfigjson: {base64.b64encode(inner).decode()}\n"
+    )
+    assert parse_document("s", manifest.encode()) == {"reg.example": RegistryAuth("u", "p")}
+
+
+def test_secret_manifest_with_string_data_and_legacy_type() -> None:
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/dockercfg",
+        "stringData": {".dockercfg": json.dumps({"reg.example": {"auth": b64("u:p")}})},
+    }
+    assert parse_document("s", json.dumps(manifest).encode()) == {
+        "reg.example": RegistryAuth("u", "p")
+    }
+
+
+def test_docker_hub_aliases_are_one_registry() -> None:
+    raw = dockerconfigjson(
+        {
+            "https://index.docker.io/v1/": {"auth": b64("u:p")},
+            "docker.io": {"username": "u", "password": "p"},
+        }
+    )
+    assert parse_document("s", raw) == {DOCKER_HUB: RegistryAuth("u", "p")}
+
+
+def test_two_credentials_for_one_registry_in_one_source_is_an_error() -> None:
+    raw = dockerconfigjson(
+        {"docker.io": {"auth": b64("u:p")}, "index.docker.io": {"auth": b64("u:other")}}
+    )
+    with pytest.raises(InvalidCredentials, match=r'auths\["index.docker.io"\]: a different'):
+        parse_document("secret.json", raw)
+
+
+def test_higher_priority_source_wins_and_lower_ones_only_add() -> None:
+    high = {"a.example": RegistryAuth("high", "1")}
+    low = {"a.example": RegistryAuth("low", "2"), "b.example": RegistryAuth("low", "3")}
+    assert merge_by_priority([high, low]) == {
+        "a.example": RegistryAuth("high", "1"),
+        "b.example": RegistryAuth("low", "3"),
+    }
+
+
+BAD_INPUT = [
+    ("not a document", b"{not json: [", "document", "neither valid JSON nor YAML"),
+    ("a list", b"[1, 2]", "document", "expected a JSON or YAML object"),
+    ("auths not a map", b'{"auths": []}', "auths", "expected a map"),
+    ("entry not an object", b'{"auths": {"r.example": "x"}}', 'auths["r.example"]', "object"),
+    ("bad base64", b'{"auths": {"r.example": {"auth": "%%%"}}}', ".auth", "base64"),
+    (
+        "auth without a colon",
+        dockerconfigjson({"r.example": {"auth": b64("nocolon")}}),
+        ".auth",
+        "no ':'",
+    ),
+    ("empty host", b'{"auths": {"": {"username": "u", "password": "p"}}}', '[""]', "empty"),
+    ("empty entry", b'{"auths": {"r.example": {}}}', 'auths["r.example"]', "no auth"),
+    (
+        "username without password",
+        b'{"auths": {"r.example": {"username": "u"}}}',
+        ".password",
+        "missing",
+    ),
+    ("password not a string", b'{"auths": {"r.example": {"password": 1}}}', ".password", "string"),
+    (
+        "wrong Secret type",
+        b'{"kind": "Secret", "type": "Opaque", "data": {}}',
+        "type",
+        "expected kubernetes.io/dockerconfigjson",
+    ),
+    (
+        "Secret without the key",
+        b'{"kind": "Secret", "type": "kubernetes.io/dockerconfigjson", "data": {}}',
+        "data..dockerconfigjson",
+        "missing",
+    ),
+    (
+        "Secret data not base64",
+        b'{"kind": "Secret", "type": "kubernetes.io/dockerconfigjson",'
+        b' "data": {".dockerconfigjson": "!!"}}',
+        "data..dockerconfigjson",
+        "base64",
+    ),
+    ("not a Secret", b'{"kind": "ConfigMap", "data": {}}', "kind", "expected a Secret"),
+    ("deep nesting", b"[" * 100000, "document", "neither valid JSON nor YAML"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "raw", "field", "problem"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT]
+)
+def test_bad_input_is_one_clear_error_naming_source_and_field(
+    case: str, raw: bytes, field: str, problem: str
+) -> None:
+    with pytest.raises(InvalidCredentials) as caught:
+        parse_document("/etc/secret.json", raw)
+    message = str(caught.value)
+    assert message.startswith("/etc/secret.json")
+    assert field in caught.value.field
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_errors_never_contain_credential_values() -> None:
+    raw = dockerconfigjson(
+        {"r.example": {"auth": b64(PASSWORD)}}  # no colon: an error about this very value
+    )
+    with pytest.raises(InvalidCredentials) as caught:
+        parse_document("s", raw)
+    assert PASSWORD not in str(caught.value)
+    assert b64(PASSWORD) not in str(caught.value)
+
+
+def test_credential_values_never_show_in_repr() -> None:
+    assert PASSWORD not in repr(RegistryAuth("user", PASSWORD, "token"))
+
+
+def test_missing_file_is_an_error_naming_the_path(tmp_path: Path) -> None:
+    with pytest.raises(InvalidCredentials, match=r"nope\.json: path: no such file"):
+        load_secret_file(tmp_path / "nope.json")
+
+
+def test_mounted_secret_volume_directory(tmp_path: Path) -> None:
+    # kubelet publishes Secret keys as symlinks into a ..data directory it swaps atomically.
+    data = tmp_path / "..2026_11_25_12_00_00.1"
+    data.mkdir()
+    (data / ".dockerconfigjson").write_bytes(dockerconfigjson({"r.example": {"auth": b64("u:p")}}))
+    (tmp_path / "..data").symlink_to(data.name)
+    (tmp_path / ".dockerconfigjson").symlink_to("..data/.dockerconfigjson")
+    assert load_secret_file(tmp_path) == {"r.example": RegistryAuth("u", "p")}
+
+
+def test_directory_without_a_docker_config_key_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidCredentials, match=r"no \.dockerconfigjson"):
+        load_secret_file(tmp_path)
+
+
+def test_fallback_sources_only_fill_gaps(tmp_path: Path) -> None:
+    primary = tmp_path / "primary.json"
+    primary.write_bytes(dockerconfigjson({"a.example": {"auth": b64("p:1")}}))
+    fallback = tmp_path / "fallback.json"
+    fallback.write_bytes(
+        dockerconfigjson({"a.example": {"auth": b64("f:2")}, "b.example": {"auth": b64("f:3")}})
+    )
+    assert load_credentials([primary], [fallback]) == {
+        "a.example": RegistryAuth("p", "1"),
+        "b.example": RegistryAuth("f", "3"),
+    }
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_what_kubectl_create_secret_docker_registry_prints_is_accepted_as_is() -> None:
+    printed = subprocess.run(
+        [
+            "kubectl",
+            "create",
+            "secret",
+            "docker-registry",
+            "pull-secret",
+            "--docker-server=https://registry.example.com:5000",
+            "--docker-username=puller",
+            f"--docker-password={PASSWORD}",
+            "--docker-email=ops@example.com",
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
+    assert parse_document("kubectl", printed) == {
+        "registry.example.com:5000": RegistryAuth("puller", PASSWORD)
+    }

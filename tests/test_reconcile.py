@@ -1,0 +1,253 @@
+"""The reconcile use case on real files in tmp_path: what is written, what restarts, what is
+kept, and what happens when containerd does not come back or someone races us."""
+
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
+from node_agent.errors import ReloadFailed, UnsupportedConfig
+from node_agent.ownership import AgentState, StateStore
+from node_agent.reconcile import NodeFile, Reconciler
+from node_agent.targets import Entry
+from node_agent.targets.containerd import ContainerdFormat
+from node_agent.targets.kubelet import KubeletFormat
+
+CRI = "io.containerd.grpc.v1.cri"
+CONTAINERD_CONFIG = f"""# node image config
+version = 2
+
+[plugins]
+  [plugins."{CRI}"]
+    sandbox_image = "registry.k8s.io/pause:3.6"
+    [plugins."{CRI}".registry]
+      config_path = "/etc/containerd/certs.d"
+      [plugins."{CRI}".registry.configs]
+        [plugins."{CRI}".registry.configs."foreign.example".auth]
+          username = "theirs"
+          password = "their-password"
+"""
+KUBELET_CONFIG = json.dumps(
+    {
+        "auths": {
+            "https://index.docker.io/v1/": {"auth": "b2xkOmxvZ2lu"},
+            "quay.io": {"auth": "cTpx"},
+        }
+    },
+    indent=2,
+)
+CREDENTIALS: Credentials = {"reg.example:5000": RegistryAuth("puller", "pw-1")}
+
+
+@dataclass
+class RecordingRestart:
+    """A containerd that restarts on request and can be told to fail the next restarts."""
+
+    failures_left: int = 0
+    restarts: int = 0
+
+    def restart_and_verify(self) -> None:
+        self.restarts += 1
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ReloadFailed("CRI did not answer Version within 30s")
+
+
+@dataclass
+class Node:
+    root: Path
+    containerd: RecordingRestart
+
+    @property
+    def config_toml(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def config_json(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def state(self) -> StateStore:
+        return StateStore(self.root / "state")
+
+    def reconciler(
+        self, *, kubelet_format: Any = None, targets: tuple[str, ...] = ("containerd", "kubelet")
+    ) -> Reconciler:
+        files = {
+            "containerd": NodeFile(ContainerdFormat(), self.config_toml, restarts_containerd=True),
+            "kubelet": NodeFile(kubelet_format or KubeletFormat(), self.config_json),
+        }
+        return Reconciler([files[t] for t in targets], self.state, self.containerd)
+
+    def toml_auths(self) -> dict[str, Any]:
+        data = tomllib.loads(self.config_toml.read_text())
+        configs: dict[str, Any] = data["plugins"][CRI]["registry"]["configs"]
+        return {host: table["auth"] for host, table in configs.items() if "auth" in table}
+
+    def json_auths(self) -> dict[str, Any]:
+        auths: dict[str, Any] = json.loads(self.config_json.read_text())["auths"]
+        return auths
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    (tmp_path / "config.toml").write_text(CONTAINERD_CONFIG)
+    (tmp_path / "config.json").write_text(KUBELET_CONFIG)
+    return Node(tmp_path, RecordingRestart())
+
+
+def test_first_pass_writes_both_files_and_restarts_containerd_once(node: Node) -> None:
+    outcome = node.reconciler().reconcile(CREDENTIALS)
+    assert node.toml_auths()["reg.example:5000"] == {"username": "puller", "password": "pw-1"}
+    assert node.json_auths()["reg.example:5000"] == {"auth": "cHVsbGVyOnB3LTE="}
+    assert node.containerd.restarts == 1
+    assert set(outcome.written) == {"containerd", "kubelet"}
+
+
+def test_foreign_entries_survive(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    assert node.toml_auths()["foreign.example"] == {
+        "username": "theirs",
+        "password": "their-password",
+    }
+    assert node.json_auths()["quay.io"] == {"auth": "cTpx"}
+    assert 'config_path = "/etc/containerd/certs.d"' in node.config_toml.read_text()
+
+
+def test_second_pass_writes_nothing_and_restarts_nothing(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    mtimes = (node.config_toml.stat().st_mtime_ns, node.config_json.stat().st_mtime_ns)
+    outcome = node.reconciler().reconcile(CREDENTIALS)
+    assert not outcome.changed
+    assert (node.config_toml.stat().st_mtime_ns, node.config_json.stat().st_mtime_ns) == mtimes
+    assert node.containerd.restarts == 1
+
+
+def test_a_kubelet_only_change_restarts_nothing(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    node.config_json.write_text(KUBELET_CONFIG)  # someone dropped our entry
+    outcome = node.reconciler().reconcile(CREDENTIALS)
+    assert outcome.written == ("kubelet",)
+    assert node.containerd.restarts == 1
+
+
+def test_password_rotation_updates_both_files_and_restarts(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    node.reconciler().reconcile({"reg.example:5000": RegistryAuth("puller", "pw-2")})
+    assert node.toml_auths()["reg.example:5000"]["password"] == "pw-2"
+    assert node.containerd.restarts == 2
+
+
+def test_registry_removed_from_the_secret_is_removed_from_both_files(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    node.reconciler().reconcile({})
+    assert node.config_toml.read_text() == CONTAINERD_CONFIG
+    assert "reg.example:5000" not in node.json_auths()
+    assert node.state.load() == AgentState()
+
+
+def test_docker_hub_is_taken_over_per_consumer_key_and_restored_when_it_leaves(node: Node) -> None:
+    hub = {DOCKER_HUB: RegistryAuth("hub-user", "hub-token")}
+    node.reconciler().reconcile(hub)
+    assert node.toml_auths()["registry-1.docker.io"] == {
+        "username": "hub-user",
+        "password": "hub-token",
+    }
+    assert node.json_auths()["https://index.docker.io/v1/"] == {"auth": "aHViLXVzZXI6aHViLXRva2Vu"}
+    node.reconciler().reconcile({})
+    assert node.json_auths()["https://index.docker.io/v1/"] == {"auth": "b2xkOmxvZ2lu"}
+    assert "registry-1.docker.io" not in node.toml_auths()
+
+
+def test_taking_over_a_foreign_containerd_entry_and_giving_it_back(node: Node) -> None:
+    node.reconciler().reconcile({"foreign.example": RegistryAuth("ours", "our-password")})
+    assert node.toml_auths()["foreign.example"] == {"username": "ours", "password": "our-password"}
+    node.reconciler().reconcile({})
+    assert node.config_toml.read_text() == CONTAINERD_CONFIG
+
+
+def test_missing_files_are_created(tmp_path: Path) -> None:
+    node = Node(tmp_path, RecordingRestart())
+    node.reconciler().reconcile(CREDENTIALS)
+    assert tomllib.loads(node.config_toml.read_text())["version"] == 2
+    assert node.json_auths() == {"reg.example:5000": {"auth": "cHVsbGVyOnB3LTE="}}
+    assert node.config_json.stat().st_mode & 0o777 == 0o600
+
+
+def test_containerd_not_coming_back_rolls_config_toml_back(node: Node) -> None:
+    node.containerd.failures_left = 1
+    with pytest.raises(ReloadFailed, match=r"previous config\.toml restored"):
+        node.reconciler().reconcile(CREDENTIALS)
+    assert node.config_toml.read_text() == CONTAINERD_CONFIG
+    assert node.containerd.restarts == 2
+    assert not node.state.load().containerd_restart_pending
+
+
+def test_rollback_that_also_fails_says_so_and_keeps_the_restart_pending(node: Node) -> None:
+    node.containerd.failures_left = 2
+    with pytest.raises(ReloadFailed, match="still failed"):
+        node.reconciler().reconcile(CREDENTIALS)
+    assert node.config_toml.read_text() == CONTAINERD_CONFIG
+    assert node.state.load().containerd_restart_pending
+
+
+def test_a_restart_interrupted_by_a_crash_happens_on_the_next_pass(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    # As if the process died after writing config.toml but before restarting containerd.
+    node.state.save(AgentState(owned=node.state.load().owned, containerd_restart_pending=True))
+    outcome = node.reconciler().reconcile(CREDENTIALS)
+    assert outcome.containerd_restarted
+    assert node.containerd.restarts == 2
+    assert not node.state.load().containerd_restart_pending
+
+
+def test_a_broken_containerd_config_changes_nothing_anywhere(node: Node) -> None:
+    node.config_toml.write_text("version = 2\n[plugins\n")
+    with pytest.raises(UnsupportedConfig, match=r"config\.toml"):
+        node.reconciler().reconcile(CREDENTIALS)
+    assert node.config_json.read_text() == KUBELET_CONFIG
+    assert not node.state.path.exists()
+    assert node.containerd.restarts == 0
+
+
+class RacingKubeletFormat(KubeletFormat):
+    """The kubelet format, except that the first render lets another writer edit the file
+    between our read and our rename."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.raced = False
+
+    def render(self, text: str | None, updates: Mapping[str, Entry | None]) -> str:
+        if not self.raced:
+            self.raced = True
+            document = json.loads(self.path.read_text())
+            document["auths"]["other-tool.example"] = {"auth": "b3RoZXI6dG9vbA=="}
+            self.path.write_text(json.dumps(document))
+        return super().render(text, updates)
+
+
+def test_a_concurrent_edit_is_kept_and_the_pass_redone(node: Node) -> None:
+    node.reconciler(kubelet_format=RacingKubeletFormat(node.config_json)).reconcile(CREDENTIALS)
+    assert node.json_auths()["other-tool.example"] == {"auth": "b3RoZXI6dG9vbA=="}
+    assert node.json_auths()["reg.example:5000"] == {"auth": "cHVsbGVyOnB3LTE="}
+
+
+def test_managing_one_target_keeps_what_is_owned_in_the_other(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    node.reconciler(targets=("kubelet",)).reconcile({})
+    assert "containerd" in node.state.load().owned
+    assert "reg.example:5000" in node.toml_auths()
+
+
+def test_inspect_reports_differences_without_writing(node: Node) -> None:
+    before = node.config_toml.read_bytes()
+    outcome = node.reconciler().inspect(CREDENTIALS)
+    assert not outcome.in_sync
+    assert node.config_toml.read_bytes() == before
+    assert not node.state.path.exists()
