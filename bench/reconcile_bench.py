@@ -18,12 +18,11 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from node_agent.targets.containerd import ContainerdFormat
-
 from node_agent.credentials import Credentials, RegistryAuth
 from node_agent.ownership import StateStore
 from node_agent.plan import plan_target
 from node_agent.reconcile import NodeFile, Reconciler, desired_entries
+from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
 
 SAMPLE = resources.files("node_agent.demo")
