@@ -109,7 +109,10 @@ class Reconciler:
         files = tuple(
             self._prepare(node_file, credentials, state, warnings) for node_file in self.node_files
         )
-        pending = state.containerd_restart_pending and self.containerd is not None
+        restarts = self.containerd is not None and any(
+            node_file.restarts_containerd for node_file in self.node_files
+        )
+        pending = state.containerd_restart_pending and restarts
         return Outcome(files=files, warnings=tuple(warnings), restart_pending=pending)
 
     def _reconcile_once(self, credentials: Credentials) -> Outcome:
@@ -120,7 +123,9 @@ class Reconciler:
             outcome.restart_pending
             or any(prepared.node_file.restarts_containerd for prepared in to_write)
         )
-        during = _state_while_writing(state, outcome.files, restart_pending=restart_needed)
+        during = _state_while_writing(
+            state, outcome.files, restart_pending=restart_needed or state.containerd_restart_pending
+        )
         if during != state:
             self.state_store.save(during)
         # Files that need no restart first: they are useful even if containerd then fails.
@@ -135,14 +140,16 @@ class Reconciler:
             )
         if restart_needed:
             self._restart_or_roll_back(to_write, during)
-        final = _state_after(during, outcome.files)
+        # A pass without a restart (--reload none, or containerd not managed in this pass)
+        # leaves an earlier pending restart pending.
+        final = _state_after(during, outcome.files, restarted=restart_needed)
         if final != during:
             self.state_store.save(final)
         return replace(
             outcome,
             written=tuple(p.node_file.name for p in to_write),
             containerd_restarted=restart_needed,
-            restart_pending=False,
+            restart_pending=final.containerd_restart_pending,
         )
 
     def _prepare(
@@ -222,10 +229,13 @@ def _state_while_writing(
     return AgentState(owned=_drop_empty(owned), containerd_restart_pending=restart_pending)
 
 
-def _state_after(during: AgentState, files: Sequence[PreparedFile]) -> AgentState:
+def _state_after(
+    during: AgentState, files: Sequence[PreparedFile], *, restarted: bool
+) -> AgentState:
     # Targets not managed in this pass (--targets) keep what they own.
     owned = {**during.owned, **{p.node_file.name: p.plan.owned_after for p in files}}
-    return AgentState(owned=_drop_empty(owned), containerd_restart_pending=False)
+    pending = during.containerd_restart_pending and not restarted
+    return AgentState(owned=_drop_empty(owned), containerd_restart_pending=pending)
 
 
 def _drop_empty(owned: dict[str, Owned]) -> dict[str, Owned]:

@@ -251,3 +251,13 @@ def test_inspect_reports_differences_without_writing(node: Node) -> None:
     assert not outcome.in_sync
     assert node.config_toml.read_bytes() == before
     assert not node.state.path.exists()
+
+
+def test_a_pass_that_does_not_manage_containerd_keeps_its_restart_pending(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    node.state.save(AgentState(owned=node.state.load().owned, containerd_restart_pending=True))
+    node.reconciler(targets=("kubelet",)).reconcile(CREDENTIALS)
+    assert node.state.load().containerd_restart_pending
+    node.reconciler().reconcile(CREDENTIALS)
+    assert not node.state.load().containerd_restart_pending
+    assert node.containerd.restarts == 2

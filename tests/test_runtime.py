@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fake_cri import CONTAINERD_VERSION, FakeCri
 from fake_systemd import FakeSystemd, private_bus
-from test_cri import CONTAINERD_VERSION, FakeCri
 
 from node_agent.errors import ReloadFailed
 from node_agent.runtime import (

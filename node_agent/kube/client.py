@@ -13,6 +13,8 @@ Facts about the client (kubernetes 37.0.2, urllib3 2.x) this module relies on:
   caller, with backoff, never inside the client (urllib3 retries are off: one place retries).
 - An expired resourceVersion on a watch arrives as HTTP 200 with an ERROR event carrying a
   Status with code 410 (like the API server's watch cache); on a list as HTTP 410.
+- Patch methods pick JSON patch (`application/json-patch+json`) as the Content-Type unless
+  `_content_type` says otherwise; a dict body then is not a valid patch.
 """
 
 import json
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
 _STATUS_MESSAGE_LIMIT = 200
+# Merge patch, not the client's default (JSON patch): the body is a partial object.
+_MERGE_PATCH = "application/merge-patch+json"
 
 
 def load_api_client(
@@ -95,10 +99,7 @@ class KubeApi:
                     _request_timeout=request_timeout,
                 )
             )
-            try:
-                body = response.data
-            finally:
-                response.release_conn()
+            body = _read(response)
         document = _parse_json(ref, body)
         metadata = document.get("metadata")
         items = document.get("items") or []
@@ -130,6 +131,48 @@ class KubeApi:
                 )
             )
         return ApiWatchStream(ref, response)
+
+    def create_event(
+        self, namespace: str, event: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> dict[str, Any]:
+        """Create a core/v1 Event (`metadata.generateName` allowed); the stored Event."""
+        ref = ObjectRef(namespace, "events")
+        with _translated_errors(ref, "create", resource="events"):
+            response = _raw(
+                self._core.create_namespaced_event(
+                    namespace,
+                    # 37.x validates the dict into its model; older clients send it as is.
+                    cast(Any, dict(event)),
+                    _preload_content=False,
+                    _request_timeout=request_timeout,
+                )
+            )
+            body = _read(response)
+        return _parse_json(ref, body)
+
+    def patch_event(
+        self, ref: ObjectRef, patch: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> dict[str, Any] | None:
+        """Merge-patch a core/v1 Event; the patched Event, or None when it no longer exists
+        (events expire after the API server's --event-ttl, 1 h by default)."""
+        with _translated_errors(ref, "patch", resource="events"):
+            try:
+                response = _raw(
+                    self._core.patch_namespaced_event(
+                        ref.name,
+                        ref.namespace,
+                        dict(patch),
+                        _content_type=_MERGE_PATCH,
+                        _preload_content=False,
+                        _request_timeout=request_timeout,
+                    )
+                )
+            except ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
+            body = _read(response)
+        return _parse_json(ref, body)
 
 
 class ApiWatchStream:
@@ -167,6 +210,14 @@ def _raw(answer: object) -> urllib3.BaseHTTPResponse:
     return cast(urllib3.BaseHTTPResponse, answer)
 
 
+def _read(response: urllib3.BaseHTTPResponse) -> bytes:
+    """The whole body of a raw answer; the connection goes back to the pool."""
+    try:
+        return response.data
+    finally:
+        response.release_conn()
+
+
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """Newline-delimited records from a chunked body; a record may span chunks."""
     pending = b""
@@ -199,37 +250,47 @@ def _parse_event(ref: ObjectRef, line: bytes) -> WatchEvent:
 
 
 @contextmanager
-def _translated_errors(ref: ObjectRef, verb: str) -> Iterator[None]:
-    """Client and transport exceptions → the agent's own, with what to do about them."""
+def _translated_errors(ref: ObjectRef, verb: str, *, resource: str = "secrets") -> Iterator[None]:
+    """Client and transport exceptions → the agent's own, with what to do about them.
+
+    Event calls reuse the source error types: `reason` (forbidden, unreachable, invalid) is
+    what their callers act on, and `source` names `namespace/event-name` there."""
     try:
         yield
     except ApiException as error:
-        raise _status_error(ref, verb, _as_int(error.status), _status_of(error)) from error
+        status = _status_of(error)
+        raise _status_error(ref, verb, _as_int(error.status), status, resource) from error
     except (urllib3.exceptions.HTTPError, OSError) as error:
-        problem = f"{verb} secrets: cannot reach the API server ({_describe(error)})"
+        problem = f"{verb} {resource}: cannot reach the API server ({_describe(error)})"
         raise SourceUnavailable(str(ref), problem) from error
 
 
 def _status_error(
-    ref: ObjectRef, verb: str, code: int, status: Mapping[str, Any]
+    ref: ObjectRef, verb: str, code: int, status: Mapping[str, Any], resource: str = "secrets"
 ) -> NodeAgentError:
     message = str(status.get("message") or status.get("reason") or "")[:_STATUS_MESSAGE_LIMIT]
     if code == 410:
-        return WatchExpired(str(ref), f"{verb} secrets: resourceVersion expired ({message})")
+        return WatchExpired(str(ref), f"{verb} {resource}: resourceVersion expired ({message})")
     if code == 401:
         return SourceForbidden(
             str(ref),
-            f"{verb} secrets: the API server rejected the agent's credentials (401): check its "
-            "ServiceAccount token or kubeconfig",
+            f"{verb} {resource}: the API server rejected the agent's credentials (401): check "
+            "its ServiceAccount token or kubeconfig",
         )
     if code == 403:
         return SourceForbidden(
             str(ref),
-            f"RBAC forbids {verb} on secrets in namespace {ref.namespace} (403): allow the "
-            f"agent's ServiceAccount to get, list and watch Secret {ref.name!r} there "
+            f"RBAC forbids {verb} on {resource} in namespace {ref.namespace} (403): allow the "
+            f"agent's ServiceAccount to {_needed_permission(ref, resource)} there "
             f"(API server: {message})",
         )
-    return SourceUnavailable(str(ref), f"{verb} secrets: API answered {code} ({message})")
+    return SourceUnavailable(str(ref), f"{verb} {resource}: API answered {code} ({message})")
+
+
+def _needed_permission(ref: ObjectRef, resource: str) -> str:
+    if resource == "events":
+        return "create and patch events"
+    return f"get, list and watch Secret {ref.name!r}"
 
 
 def _status_of(error: ApiException) -> Mapping[str, Any]:

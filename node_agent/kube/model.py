@@ -77,3 +77,17 @@ class SecretApi(Protocol):
         timeout_seconds: int,
         request_timeout: RequestTimeout,
     ) -> EventStream: ...
+
+
+class EventApi(Protocol):
+    """What `events.NodeEventRecorder` needs from the API. Failures raise
+    `node_agent.kube.errors` types (`reason` forbidden, unreachable or invalid)."""
+
+    def create_event(
+        self, namespace: str, event: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> Mapping[str, Any]: ...
+
+    def patch_event(
+        self, ref: ObjectRef, patch: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> Mapping[str, Any] | None:
+        """The patched object, or None when it does not exist (any more)."""

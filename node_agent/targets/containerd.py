@@ -6,29 +6,33 @@ The entries are the `auth` tables under the CRI registry of the file's config ve
 `version = 3`. Files without a version (the v1 layout) or with another one are refused.
 
 Reading uses the stdlib `tomllib`. Editing uses `tomlkit`, whose document model renders the
-untouched parts of the file byte-for-byte, plus two things of our own:
+untouched parts of the file as they were, plus three things of our own:
 
 * New `[...auth]` tables and removed tables are marked in the document by placeholder lines
   (`\\x00N\\x00`, which no valid TOML text contains) and spliced into the rendered text
   afterwards. That way we, not tomlkit, decide indentation and blank lines: a new table
-  copies an existing sibling `auth` table, else indents like containerd's own generator
-  (one unit per table level, unit measured on the file), and takes the blank-line habit of
-  the spot it lands in. Adding a table and removing it again gives back the original bytes.
+  copies an existing sibling `configs.*.auth` (or `.tls`) table, else indents like
+  containerd's own generator (one unit per table level, unit measured on the file), and takes
+  the blank-line habit of the spot it lands in: after the last `registry.configs` table of
+  the plugin, else at the end of the deepest existing ancestor (`registry`, the plugin,
+  `plugins`, the file). Adding a table and removing it again gives back the original bytes.
+* Where tomlkit would re-indent a header it did not edit (a known quirk), the edit is carried
+  over onto the file's own lines.
 * Every edit is checked by parsing the result with `tomllib`: the data must equal the old
   data with exactly the requested `auth` tables changed. Anything else raises FormatError,
   so a tomlkit surprise can never reach the node.
 
-Inline tables on the path (`configs = { ... }`, `auth = { ... }`) are edited by re-rendering
-that one inline table (it is a single line); dotted keys (`auth.username = ...`) are edited
-in place. No message ever holds a value from the file: parser messages can quote the
-offending text, so only their line and column are kept.
+Inline tables on the path (`registry = { ... }`, `configs = { ... }`, `auth = { ... }`) are
+edited by re-rendering that one inline table (it is a single line); dotted keys
+(`auth.username = ...`) are edited in place. No message ever holds a value from the file:
+parser messages can quote the offending text, so only their line and column are kept.
 """
 
 import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from difflib import SequenceMatcher
 from functools import cached_property
 from typing import Any, Final
 
@@ -36,6 +40,8 @@ import tomlkit
 from tomlkit.container import Container
 from tomlkit.exceptions import ParseError, TOMLKitError
 from tomlkit.items import (
+    AoT,
+    Array,
     Comment,
     InlineTable,
     Item,
@@ -67,7 +73,6 @@ _CONFIGS, _HOST, _AUTH = 3, 4, 5
 _SENTINEL: Final = re.compile("\x00([0-9]+)\x00\n")
 _PARSER_POSITION: Final = re.compile(r"\(at (line \d+, column \d+|end of document)\)\s*$")
 _BLANK_LINE_BEFORE_HEADER: Final = re.compile(r"\n[ \t]*\r?\n[ \t]*\[")
-_ENDS_WITH_BLANK_LINE: Final = re.compile(r"(?:\A|\n)[ \t]*\r?\n\Z")
 _NEW_FILE_FIELD_INDENT: Final = "  "
 
 
@@ -112,11 +117,13 @@ class ContainerdFormat:
         if not changes:
             return text
         layout = _Layout.new_file() if new_file else _Layout.of(text)
-        editor = _Editor(_parse_document(text), plugin, layout)
+        document = _parse_document(text)
+        untouched = document.as_string()
+        editor = _Editor(document, plugin, layout)
         try:
             for host, entry in changes.items():
                 editor.apply(host, entry)
-            result = editor.result()
+            result = _on_original_lines(text, untouched, editor.result())
         except TOMLKitError:
             # tomlkit's messages may quote the value it choked on.
             raise FormatError("tomlkit could not edit the registry tables; refusing") from None
@@ -125,11 +132,12 @@ class ContainerdFormat:
 
     def redact(self, text: str) -> str:
         document = _parse_document(text)
+        untouched = document.as_string()
         for table in _credential_tables(document):
             for key, item in list(_body(table)):
                 if key is not None and key.key in CREDENTIAL_FIELDS and _is_value(item):
                     table[key.key] = _string_like(REDACTED, item)
-        return document.as_string()
+        return _on_original_lines(text, untouched, document.as_string())
 
 
 # Reading (tomllib)
@@ -227,13 +235,14 @@ def _prune_registry_path(data: dict[str, Any], plugin: str, hosts: Iterable[str]
     for name in names:
         child = chain[-1].get(name)
         if not isinstance(child, dict):
-            return
+            break
         chain.append(child)
-    configs = chain[-1]
-    for host in hosts:
-        if configs.get(host) == {}:
-            del configs[host]
-    for parent, name in reversed(list(zip(chain[:-1], names, strict=True))):
+    if len(chain) == len(names) + 1:
+        configs = chain[-1]
+        for host in hosts:
+            if configs.get(host) == {}:
+                del configs[host]
+    for parent, name in reversed(list(zip(chain[:-1], names, strict=False))):
         if parent[name] == {}:
             del parent[name]
 
@@ -252,6 +261,31 @@ def _parse_document(text: str) -> tomlkit.TOMLDocument:
         ) from None
     except TOMLKitError:
         raise FormatError("tomlkit cannot load this config; refusing to edit") from None
+
+
+def _on_original_lines(original: str, untouched: str, edited: str) -> str:
+    """The edit (`untouched` → `edited`, both as tomlkit renders them) made on `original`.
+
+    tomlkit renders most files exactly as read, and then `edited` is the answer. Some it
+    re-indents: a table header under an implicit parent met a second time (`[a.b]`,
+    `  [a.c.d]`, `  [a.c.e]`) gets its parent's indent added. Then the changed lines are
+    carried over onto the file's own lines, so nothing we did not edit moves. Any other
+    difference is refused.
+    """
+    if untouched == original:
+        return edited
+    old_lines = original.splitlines(keepends=True)
+    untouched_lines = untouched.splitlines(keepends=True)
+    if len(old_lines) != len(untouched_lines) or any(
+        old.strip() != new.strip() for old, new in zip(old_lines, untouched_lines, strict=True)
+    ):
+        raise FormatError("tomlkit does not reproduce this config faithfully; refusing to edit")
+    edited_lines = edited.splitlines(keepends=True)
+    matcher = SequenceMatcher(None, untouched_lines, edited_lines, autojunk=False)
+    return "".join(
+        "".join(old_lines[i1:i2] if tag == "equal" else edited_lines[j1:j2])
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes()
+    )
 
 
 AnyTable = Container | Table | InlineTable
@@ -313,31 +347,55 @@ def _container(table: AnyTable) -> Container:
 
 
 def _children(parents: Sequence[_Node], name: str) -> list[_Node]:
-    """The occurrences of table `name` in `parents`; FormatError if `name` is a value."""
-    found = []
-    for parent in parents:
-        for key, item in _body(parent.item):
-            if key is None or key.key != name:
-                continue
-            if not isinstance(item, (Table, InlineTable)):
-                raise FormatError(f"'{name}' on the registry path is not a table; refusing")
-            found.append(_Node(item, key, parent, parent.depth + 1))
-    return found
+    """The occurrences of table `name` in `parents` (values of that name are skipped)."""
+    return [
+        _Node(item, key, parent, parent.depth + 1)
+        for parent in parents
+        for key, item in _body(parent.item)
+        if key is not None and key.key == name and isinstance(item, (Table, InlineTable))
+    ]
 
 
-def _resolve(document: tomlkit.TOMLDocument, path: Sequence[str]) -> list[list[_Node]]:
-    """The occurrences of each table along `path`, in document order, as deep as it exists."""
-    levels = [[_Node(document, None, None, -1)]]
+@dataclass(frozen=True)
+class _Found:
+    """What exists of the path plugins.PLUGIN.registry.configs.HOST.auth in a document."""
+
+    root: _Node
+    #: levels[i]: the occurrences of path[i], in document order, for as deep as they exist.
+    levels: list[list[_Node]]
+
+    def at(self, index: int) -> list[_Node]:
+        return self.levels[index] if index < len(self.levels) else []
+
+    @property
+    def deepest(self) -> _Node:
+        return self.levels[-1][-1] if self.levels else self.root
+
+    @property
+    def outermost_inline(self) -> _Node | None:
+        return next((node for level in self.levels for node in level if node.is_inline), None)
+
+
+def _resolve(document: tomlkit.TOMLDocument, path: Sequence[str]) -> _Found:
+    root = _Node(document, None, None, -1)
+    levels: list[list[_Node]] = []
     for name in path:
-        found = _children(levels[-1], name)
+        parents = levels[-1] if levels else [root]
+        if any(
+            key is not None and key.key == name and not isinstance(item, (Table, InlineTable))
+            for parent in parents
+            for key, item in _body(parent.item)
+        ):
+            raise FormatError(f"'{name}' on the registry path is not a table; refusing")
+        found = _children(parents, name)
         if not found:
             break
         levels.append(found)
-    return levels
+    return _Found(root, levels)
 
 
 def _is_value(item: Item) -> bool:
-    return not isinstance(item, (Table, InlineTable, Whitespace, Comment, Null))
+    return not isinstance(item, (Table, InlineTable, AoT, Whitespace, Comment, Null))
 
 
 def _fields(table: AnyTable) -> list[tuple[Key, Item]]:
@@ -375,8 +433,8 @@ class _Layout:
     newline: str
     #: Whether tables are separated by blank lines (decides the separator at the file's end).
     blank_lines: bool
-    #: For a new file: header indent unit and field indent; None means "measure the document".
-    fixed_units: tuple[str, str] | None = None
+    #: Indentation for new tables; None: measure it on the document when first needed.
+    units: "_Units | None" = None
 
     @classmethod
     def of(cls, text: str) -> "_Layout":
@@ -385,15 +443,17 @@ class _Layout:
 
     @classmethod
     def new_file(cls) -> "_Layout":
-        return cls("\n", True, ("", _NEW_FILE_FIELD_INDENT))
+        return cls("\n", True, _Units(level="", fields=_NEW_FILE_FIELD_INDENT))
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Units:
-    """Indentation measured on the document: per table level, and from header to fields."""
+    """Indentation measured on the document."""
 
-    header: str
-    field: str
+    #: Added per table level to header lines (containerd's generator: two spaces).
+    level: str
+    #: From a header line to its fields.
+    fields: str
 
     @classmethod
     def measure(cls, document: tomlkit.TOMLDocument) -> "_Units":
@@ -443,17 +503,17 @@ class _NewTable:
     #: goes above them.
     comment_below: str
 
-    def splice(self, done: str, at_end: bool, layout: _Layout) -> str:
-        comment = self.comment_below if done.endswith(self.comment_below) else ""
-        head = done[: len(done) - len(comment)]
-        if head and not head.endswith("\n"):
-            head += layout.newline
-        if _ENDS_WITH_BLANK_LINE.search(head):
+    def splice(self, done: str, at_end: bool, layout: _Layout) -> tuple[int, str]:
+        """(characters to cut from the end of `done`, text to append)."""
+        moved = self.comment_below if done.endswith(self.comment_below) else ""
+        end = len(done) - len(moved)  # where the table goes
+        separator = layout.newline if at_end and layout.blank_lines else ""
+        if end and not done.endswith("\n", 0, end):  # the file had no final newline
+            return len(moved), layout.newline + separator + self.lines + moved
+        if _blank_tail_length(done, end):
             # Take the blank line we land after, and give one back to what follows.
-            return head + self.lines + layout.newline + comment
-        if at_end and not comment and layout.blank_lines:
-            return head + layout.newline + self.lines
-        return head + self.lines + comment
+            return len(moved), self.lines + layout.newline + moved
+        return len(moved), separator + self.lines + moved
 
 
 @dataclass(frozen=True)
@@ -463,19 +523,24 @@ class _Removal:
     kept_comments: str
     ended_with_blank_line: bool
 
-    def splice(self, done: str, at_end: bool, layout: _Layout) -> str:
+    def splice(self, done: str, at_end: bool, layout: _Layout) -> tuple[int, str]:
+        """(characters to cut from the end of `done`, text to append)."""
         if at_end and not self.kept_comments and not self.ended_with_blank_line:
             # The table was last and its separator was the blank line before it.
-            done = _without_trailing_blank_lines(done)
-        return done + self.kept_comments
+            return _blank_tail_length(done, len(done)), ""
+        return 0, self.kept_comments
 
 
-def _without_trailing_blank_lines(text: str) -> str:
-    while match := _ENDS_WITH_BLANK_LINE.search(text):
-        if match.start() == 0:
-            return ""
-        text = text[: match.start() + 1]
-    return text
+def _blank_tail_length(text: str, end: int) -> int:
+    """How many characters of `text[:end]` are blank lines after its last non-blank line.
+    Looks at the last lines only: the text can be long and this runs once per change."""
+    cut = end
+    while cut > 0 and text[cut - 1] == "\n":
+        line_start = text.rfind("\n", 0, cut - 1) + 1
+        if text[line_start : cut - 1].strip(" \t\r"):
+            break
+        cut = line_start
+    return end - cut
 
 
 @dataclass
@@ -490,17 +555,17 @@ class _Editor:
 
     def apply(self, host: str, entry: Entry | None) -> None:
         path = ("plugins", self.plugin, "registry", "configs", host, "auth")
-        levels = _resolve(self.document, path)
-        inline = next((n for level in levels[1:] for n in level if n.is_inline), None)
+        found = _resolve(self.document, path)
+        inline = found.outermost_inline
         if inline is not None:
-            self._edit_inline(inline, path, entry, levels)
-        elif len(levels) > _AUTH + 1:
+            self._edit_inline(inline, path, entry, hosts=found.at(_HOST))
+        elif found.at(_AUTH):
             if entry is None:
-                self._remove_auth(levels[_HOST + 1], levels[_AUTH + 1])
+                self._remove_auth(found.at(_HOST), found.at(_AUTH))
             else:
-                self._update_fields(levels[_AUTH + 1], entry)
+                self._update_fields(found.at(_AUTH), entry)
         elif entry is not None:
-            self._add_auth(levels, path, entry)
+            self._add_auth(found, path, entry)
 
     def result(self) -> str:
         pieces = _SENTINEL.split(self.document.as_string())
@@ -508,14 +573,16 @@ class _Editor:
         done = pieces[0]
         for index in range(1, len(pieces), 2):
             change = self._pending[int(pieces[index])]
-            done = change.splice(done, index > last_text, self.layout) + pieces[index + 1]
+            cut, text = change.splice(done, index > last_text, self.layout)
+            if cut:
+                done = done[:-cut]
+            done += text  # appends in place: `done` is the only reference
+            done += pieces[index + 1]
         return done
 
     @cached_property
     def _units(self) -> _Units:
-        if self.layout.fixed_units is not None:
-            return _Units(*self.layout.fixed_units)
-        return _Units.measure(self.document)
+        return self.layout.units or _Units.measure(self.document)
 
     def _placeholder(self, change: _NewTable | _Removal) -> Whitespace:
         self._pending.append(change)
@@ -538,7 +605,7 @@ class _Editor:
     def _append_fields(self, auth: _Node, values: Mapping[str, Any]) -> None:
         fields = _fields(auth.item)
         last_key, last = fields[-1] if fields else (None, None)
-        indent = _line_indent(last) if last is not None else auth.header_indent + self._units.field
+        indent = _line_indent(last) if last is not None else auth.header_indent + self._units.fields
         for name, value in values.items():
             key, item = SingleKey(name), _value_item(value, like=last)
             item.trivia.indent = indent
@@ -550,10 +617,10 @@ class _Editor:
         if not other_keys and len(hosts) == 1 and hosts[0].is_block:
             self._remove_node(hosts[0])  # nothing else (no tls, no headers) under the host
             return
-        done: set[int] = set()
+        cleared: set[int] = set()
         for node in auth:
-            if id(node.parent) not in done:  # one remove() drops all dotted occurrences
-                done.add(id(node.parent))
+            if id(node.parent) not in cleared:  # one remove() drops all dotted occurrences
+                cleared.add(id(node.parent))
                 self._remove_node(node)
         self._remove_host_if_empty(hosts)
 
@@ -575,45 +642,42 @@ class _Editor:
 
     # New auth tables
 
-    def _add_auth(
-        self, levels: Sequence[Sequence[_Node]], path: Sequence[str], entry: Entry
-    ) -> None:
-        deepest = levels[-1][-1]
-        anchor = deepest
-        while not anchor.is_block:
+    def _add_auth(self, found: _Found, path: Sequence[str], entry: Entry) -> None:
+        deepest = anchor = found.deepest
+        while not anchor.is_block:  # below a dotted key: the new header follows its table
             assert anchor.parent is not None
             anchor = anchor.parent
-        header_indent, field_indent, like = self._new_table_style(levels, deepest)
-        keys = [_key_text(node.key) for node in deepest.chain() if node.key is not None]
-        keys += [_new_key_text(path, i, levels) for i in range(len(keys), len(path))]
+        header_indent, field_indent, like = self._new_table_style(found.at(_CONFIGS), deepest)
         newline = self.layout.newline
-        lines = f"{header_indent}[{'.'.join(keys)}]{newline}" + "".join(
+        lines = f"{header_indent}[{_new_header(found, path)}]{newline}" + "".join(
             f"{field_indent}{_key_text(SingleKey(name))} = "
             f"{_value_item(value, like=like).as_string()}{newline}"
             for name, value in entry.items()
         )
-        comment = self._comment_below.setdefault(id(anchor.item), _comment_below(anchor.item))
+        if id(anchor.item) not in self._comment_below:  # before our first placeholder joins it
+            self._comment_below[id(anchor.item)] = _comment_below(anchor.item)
+        comment = self._comment_below[id(anchor.item)]
         _container(anchor.item).append(None, self._placeholder(_NewTable(lines, comment)))
 
     def _new_table_style(
-        self, levels: Sequence[Sequence[_Node]], deepest: _Node
+        self, configs: Sequence[_Node], deepest: _Node
     ) -> tuple[str, str, Item | None]:
         """Header indent, field indent, and a string to copy the quoting of."""
-        sibling = _sibling_table(levels)
+        sibling = _sibling_table(configs)
         if sibling is not None:
             header = sibling.header_indent
             first = _first_value(sibling.item)
             if first is not None:
                 return header, _line_indent(first), first
-            return header, header + self._units.field, None
+            return header, header + self._units.fields, None
         ancestor = next((n for n in reversed(deepest.chain()) if n.is_header), None)
         if ancestor is None:
-            header = self._units.header * _AUTH
-            return header, header + self._units.field, None
-        header = ancestor.header_indent + self._units.header * (_AUTH - ancestor.depth)
+            header = self._units.level * _AUTH
+            return header, header + self._units.fields, None
+        header = ancestor.header_indent + self._units.level * (_AUTH - ancestor.depth)
         first = _first_value(ancestor.item)
         if first is None:
-            return header, header + self._units.field, None
+            return header, header + self._units.fields, None
         return header, header + _step(ancestor.header_indent, _line_indent(first)), first
 
     # Inline tables
@@ -623,14 +687,15 @@ class _Editor:
         inline: _Node,
         path: Sequence[str],
         entry: Entry | None,
-        levels: Sequence[Sequence[_Node]],
+        *,
+        hosts: Sequence[_Node],
     ) -> None:
         assert isinstance(inline.item, InlineTable) and inline.parent and inline.key
         text = _inline_with(inline.item, inline.depth, path, entry)
         if text is None:
             inline.parent.item.remove(inline.key)
             if inline.depth == _AUTH:
-                self._remove_host_if_empty(levels[_HOST + 1])
+                self._remove_host_if_empty(hosts)
         else:
             inline.parent.item[inline.key.key] = _parse_value(text)
 
@@ -646,34 +711,31 @@ def _insert_field(container: Container, key: Key, item: Item, *, after: Key | No
         container.append(key, item)
 
 
-def _sibling_table(levels: Sequence[Sequence[_Node]]) -> _Node | None:
+def _sibling_table(configs: Sequence[_Node]) -> _Node | None:
     """The header table a new auth table should look like: the last
     `[...configs."OTHER".auth]` of this plugin, else the last other per-host table
     (`[...configs."OTHER".tls]`), if any."""
-    if len(levels) <= _CONFIGS + 1:
-        return None
-    hosts = [node for node in _tables_under(levels[_CONFIGS + 1]) if isinstance(node.item, Table)]
-    tables = [node for node in _tables_under(hosts) if node.is_header]
+    hosts = [node for node in _child_nodes(configs) if isinstance(node.item, Table)]
+    tables = [node for node in _child_nodes(hosts) if node.is_header]
     auth_tables = [node for node in tables if node.key is not None and node.key.key == "auth"]
     candidates = auth_tables or tables
     return candidates[-1] if candidates else None
 
 
-def _new_key_text(path: Sequence[str], index: int, levels: Sequence[Sequence[_Node]]) -> str:
-    name = path[index]
-    if index == _HOST:
-        return _host_key_text(name, levels)
-    key = SingleKey(name)  # quotes only when needed: the plugin name has dots
-    return _key_text(key)
+def _new_header(found: _Found, path: Sequence[str]) -> str:
+    """The dotted name of the new auth table: existing keys as the file spells them."""
+    keys = [_key_text(node.key) for node in found.deepest.chain() if node.key is not None]
+    for index in range(len(keys), len(path)):
+        if index == _HOST:
+            keys.append(_host_key_text(path[index], found.at(_CONFIGS)))
+        else:
+            keys.append(_key_text(SingleKey(path[index])))  # quoted when needed: the plugin
+    return ".".join(keys)
 
 
-def _host_key_text(host: str, levels: Sequence[Sequence[_Node]]) -> str:
+def _host_key_text(host: str, configs: Sequence[_Node]) -> str:
     """Hosts are always quoted; with single quotes when the sibling hosts are."""
-    siblings = [
-        key
-        for configs in (levels[_CONFIGS + 1] if len(levels) > _CONFIGS + 1 else [])
-        for key, _ in _fields(configs.item)
-    ]
+    siblings = [key for node in configs for key, _ in _fields(node.item)]
     literal = (
         bool(siblings)
         and isinstance(siblings[-1], SingleKey)
@@ -733,9 +795,11 @@ def _inline_with(
     table: InlineTable, depth: int, path: Sequence[str], entry: Entry | None
 ) -> str | None:
     """The text of inline `table` (at `depth` on `path`) with the auth change made, or None
-    when the table should go (the auth table itself, or a host left empty)."""
+    when the table should go: the auth table itself, or a table our removal left empty."""
     if depth == _AUTH:
-        return None if entry is None else _inline_text(_auth_pairs(table, entry), like=table)
+        if entry is None:
+            return None
+        return _inline_text(_auth_pairs(table, entry), spaced=_is_spaced(table))
     pairs: list[tuple[str, str]] = []
     child_name = path[depth + 1]
     found = False
@@ -750,10 +814,9 @@ def _inline_with(
         if text is not None:
             pairs.append((_key_text(key), text))
     if not found and entry is not None:
-        pairs.append((_new_inline_key(path, depth + 1), _new_inline_chain(path, depth + 1, entry)))
-    if not pairs and depth == _HOST:
-        return None
-    return _inline_text(pairs, like=table)
+        chain = _new_inline_chain(path, depth + 1, entry, spaced=_is_spaced(table))
+        pairs.append((_new_inline_key(path, depth + 1), chain))
+    return _inline_text(pairs, spaced=_is_spaced(table)) if pairs else None
 
 
 def _inline_fields(table: InlineTable) -> list[tuple[Key, Item]]:
@@ -787,20 +850,25 @@ def _new_inline_key(path: Sequence[str], index: int) -> str:
     return _key_text(SingleKey(name, t=KeyType.Basic) if index == _HOST else SingleKey(name))
 
 
-def _new_inline_chain(path: Sequence[str], index: int, entry: Entry) -> str:
+def _new_inline_chain(path: Sequence[str], index: int, entry: Entry, *, spaced: bool) -> str:
     """`{ next = { ... = { auth fields } } }` for the path below `path[index]`."""
     if index == _AUTH:
-        return _inline_text(_auth_pairs(None, entry), like=None)
+        return _inline_text(_auth_pairs(None, entry), spaced=spaced)
     key = _new_inline_key(path, index + 1)
-    return _inline_text([(key, _new_inline_chain(path, index + 1, entry))], like=None)
+    chain = _new_inline_chain(path, index + 1, entry, spaced=spaced)
+    return _inline_text([(key, chain)], spaced=spaced)
 
 
-def _inline_text(pairs: Sequence[tuple[str, str]], *, like: InlineTable | None) -> str:
+def _inline_text(pairs: Sequence[tuple[str, str]], *, spaced: bool) -> str:
     if not pairs:
         return "{}"
-    spaced = like is None or like.as_string().startswith("{ ")
     inner = ", ".join(f"{key} = {value}" for key, value in pairs)
     return f"{{ {inner} }}" if spaced else f"{{{inner}}}"
+
+
+def _is_spaced(table: InlineTable) -> bool:
+    """Whether the file writes `{ a = 1 }` rather than `{a = 1}`."""
+    return table.as_string().startswith("{ ")
 
 
 # Values
@@ -810,15 +878,16 @@ def _value_item(value: Any, *, like: Item | None) -> Item:
     """A tomlkit item for a field value; strings copy the quoting of `like` when they can."""
     if isinstance(value, str):
         return _string_like(value, like)
-    if isinstance(value, bool | int | float | datetime | date | time):
-        return tomlkit.item(value)
-    return _parse_value(_value_text(value))
+    if isinstance(value, Mapping | list | tuple):
+        return _parse_value(_value_text(value))  # inline, whatever tomlkit would choose
+    scalar: Item = tomlkit.item(value)  # raises (a TOMLKitError) for what TOML cannot hold
+    return scalar
 
 
 def _value_text(value: Any) -> str:
     if isinstance(value, Mapping):
         pairs = [(_key_text(SingleKey(str(k))), _value_text(v)) for k, v in value.items()]
-        return _inline_text(pairs, like=None)
+        return _inline_text(pairs, spaced=True)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_value_text(v) for v in value) + "]"
     return _value_item(value, like=None).as_string()
@@ -843,18 +912,38 @@ def _parse_value(text: str) -> Item:
 
 
 def _credential_tables(document: tomlkit.TOMLDocument) -> Iterator[AnyTable]:
-    """Every table that holds registry credentials: `registry.configs.*.auth` and the legacy
-    `registry.auths.*`, of every plugin (so the v1 `plugins.cri` layout is covered too)."""
-    root = _Node(document, None, None, -1)
-    plugins = _children([root], "plugins")
-    registries = _children(_tables_under(plugins), "registry")
-    hosts = _tables_under(_children(registries, "configs"))
-    for node in _children(hosts, "auth") + _tables_under(_children(registries, "auths")):
-        if isinstance(node.item, (Table, InlineTable)):
-            yield node.item
+    """Every table in the `registry` subtree of every plugin. That covers
+    `registry.configs.*.auth`, the legacy `registry.auths.*` and the v1 `plugins.cri` layout,
+    in whatever TOML form they are written (dotted keys, inline tables, arrays of tables)."""
+    pending = [
+        registry
+        for plugins in _child_tables(document, "plugins")
+        for plugin in _child_tables(plugins)
+        for registry in _child_tables(plugin, "registry")
+    ]
+    while pending:
+        table = pending.pop()
+        yield table
+        pending.extend(_child_tables(table))
 
 
-def _tables_under(parents: Sequence[_Node]) -> list[_Node]:
+def _child_tables(table: AnyTable, name: str | None = None) -> list[AnyTable]:
+    """The tables directly in `table` (named `name`, if given), array elements included."""
+    found: list[AnyTable] = []
+    for key, item in _body(table):
+        if key is None or (name is not None and key.key != name):
+            continue
+        if isinstance(item, (Table, InlineTable)):
+            found.append(item)
+        elif isinstance(item, AoT):
+            found.extend(item.body)
+        elif isinstance(item, Array):
+            found.extend(element for element in item if isinstance(element, InlineTable))
+    return found
+
+
+def _child_nodes(parents: Sequence[_Node]) -> list[_Node]:
+    """Every table directly in `parents`."""
     return [
         _Node(item, key, parent, parent.depth + 1)
         for parent in parents
