@@ -1,5 +1,6 @@
-"""Reconcile timings on a realistic containerd config (the demo's `containerd config default`
-output, ~160 lines) with 1 and with 500 registries. Prints medians; no assertions.
+"""Reconcile timings on realistic containerd configs (`bench/containerd-config-150.toml`, ~160
+lines, and the demo's full `containerd config default` output, ~250 lines) with 1 and with 500
+registries. Prints medians; no assertions.
 
     python bench/reconcile_bench.py [--rounds N]
 
@@ -34,12 +35,16 @@ def credentials(count: int, password: str) -> Credentials:
     }
 
 
-def fresh_node(root: Path) -> Reconciler:
+CONFIGS = {
+    "bench/containerd-config-150.toml": Path(__file__).with_name("containerd-config-150.toml"),
+    "demo config.toml": Path(str(SAMPLE.joinpath("node/etc/containerd/config.toml"))),
+}
+
+
+def fresh_node(root: Path, config: Path) -> Reconciler:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    (root / "config.toml").write_bytes(
-        SAMPLE.joinpath("node/etc/containerd/config.toml").read_bytes()
-    )
+    (root / "config.toml").write_bytes(config.read_bytes())
     (root / "config.json").write_bytes(
         SAMPLE.joinpath("node/var/lib/kubelet/config.json").read_bytes()
     )
@@ -62,8 +67,8 @@ def median_ms(
     return statistics.median(samples)
 
 
-def bench(count: int, rounds: int, workdir: Path) -> dict[str, float]:
-    reconciler = fresh_node(workdir / f"node-{count}")
+def bench(config: Path, count: int, rounds: int, workdir: Path) -> dict[str, float]:
+    reconciler = fresh_node(workdir / f"node-{count}", config)
     passwords = iter(f"pw-{n}" for n in range(10**9))
     reconciler.reconcile(credentials(count, next(passwords)))
     apply = median_ms(lambda: reconciler.reconcile(credentials(count, next(passwords))), rounds)
@@ -85,18 +90,17 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="node-agent-bench-"))
     try:
-        base_lines = SAMPLE.joinpath("node/etc/containerd/config.toml").read_text().count("\n")
-        print(
-            f"containerd config: {base_lines} lines (demo sample); medians of {args.rounds} rounds"
-        )
         header = ("registries", "apply ms", "no-op ms", "render ms")
-        print(" ".join(f"{name:>10}" for name in header) + f" {'lines after':>12}")
-        for count in (1, 500):
-            result = bench(count, args.rounds, workdir)
-            print(
-                f"{count:>10} {result['apply']:>10.2f} {result['noop']:>10.2f}"
-                f" {result['render']:>10.2f} {int(result['lines']):>12}"
-            )
+        for label, config in CONFIGS.items():
+            lines = config.read_text().count("\n")
+            print(f"{label}: {lines} lines; medians of {args.rounds} rounds")
+            print(" ".join(f"{name:>10}" for name in header) + f" {'lines after':>12}")
+            for count in (1, 500):
+                result = bench(config, count, args.rounds, workdir)
+                print(
+                    f"{count:>10} {result['apply']:>10.2f} {result['noop']:>10.2f}"
+                    f" {result['render']:>10.2f} {int(result['lines']):>12}"
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
