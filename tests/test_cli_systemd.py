@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fake_cri import FakeCri
+from fake_systemd import FakeSystemd, private_bus
 
 from node_agent.cli import main
-from tests.fake_cri import FakeCri
-from tests.fake_systemd import FakeSystemd, private_bus
 
 RESTART = ("RestartUnit", "containerd.service", "replace")
 
