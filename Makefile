@@ -28,6 +28,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 unit: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -43,3 +44,62 @@ bench: install
 
 clean:
 	rm -rf $(VENV) demo-node build *.egg-info
+
+# ---- container image and cluster manifests ------------------------------------------------
+# make image                     build the image (needs docker or podman: CONTAINER_ENGINE=podman)
+# make manifests                 render daemonset/ (+ rbac/) to one YAML, $(MANIFESTS)
+# make manifests MONITORING=1    ... with the PodMonitor and alert rules (Prometheus Operator)
+# make deploy                    kubectl apply that file and wait for the rollout
+# make lock                      re-pin requirements.lock after a dependency change
+# Set IMAGE_NAME (e.g. registry.example.com/node-agent) and IMAGE_TAG for your registry.
+
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_NAME ?= node-agent
+IMAGE_TAG ?= $(VERSION)
+CONTAINER_ENGINE ?= docker
+KUBECTL ?= kubectl
+MONITORING ?= 0
+MANIFESTS ?= build/node-agent.yaml
+MANIFESTS_OVERLAY := build/manifests
+
+.PHONY: image manifests deploy lock
+
+image:
+	$(CONTAINER_ENGINE) build --tag $(IMAGE_NAME):$(IMAGE_TAG) .
+
+# A throw-away kustomize overlay over daemonset/ that sets the image (and adds the monitoring
+# component), rendered with kubectl's built-in kustomize. Kustomize takes relative paths only.
+manifests:
+	@mkdir -p $(MANIFESTS_OVERLAY) $(dir $(MANIFESTS))
+	@base=$$(realpath --relative-to=$(MANIFESTS_OVERLAY) daemonset); \
+	 { echo 'apiVersion: kustomize.config.k8s.io/v1beta1'; \
+	   echo 'kind: Kustomization'; \
+	   echo "resources: [$$base]"; \
+	   if [ "$(MONITORING)" = 1 ]; then echo "components: [$$base/monitoring]"; fi; \
+	   echo 'images: [{name: node-agent, newName: "$(IMAGE_NAME)", newTag: "$(IMAGE_TAG)"}]'; \
+	 } > $(MANIFESTS_OVERLAY)/kustomization.yaml
+	$(KUBECTL) kustomize $(MANIFESTS_OVERLAY) > $(MANIFESTS).tmp && mv $(MANIFESTS).tmp $(MANIFESTS)
+	@echo "wrote $(MANIFESTS) (image $(IMAGE_NAME):$(IMAGE_TAG))"
+
+deploy: manifests
+	$(KUBECTL) apply -f $(MANIFESTS)
+	$(KUBECTL) --namespace node-agent rollout status daemonset/node-agent --timeout=10m
+
+# Exact versions of the runtime dependencies: install the project into a fresh venv, freeze.
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	build/lock-venv/bin/python -m pip install --quiet .
+	{ sed -n '/^#/p' requirements.lock; \
+	  build/lock-venv/bin/python -m pip freeze --exclude node-agent; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf build/lock-venv
+
+# The reliability campaigns of RELIABILITY.md at full size (crash, I/O faults, bad input,
+# containerd failure, leak audit). `make test` runs the same campaigns with reduced counts.
+.PHONY: reliability
+reliability: install system-deps
+	NODE_AGENT_CAMPAIGN_SCALE=full $(PY) -m pytest tests/test_campaign_*.py \
+		tests/test_leak_audit.py tests/test_reliability_regressions.py \
+		integration/test_campaign_*.py $(PYTEST_ARGS)

@@ -4,16 +4,21 @@
 #   docker-registry  /usr/bin/docker-registry (distribution 2.8), the htpasswd-protected registry
 #   apache2-utils    htpasswd, to write the registry's bcrypt password file
 #   dbus             dbus-daemon, a private bus for testing the systemd restart path
+#   prometheus       promtool (2.42 on bookworm), to check and unit-test the alert rules in
+#                    daemonset/monitoring/; the Prometheus server itself is not used
 # Run as root. Safe to run again: with everything present it changes nothing.
 #
-# Both packages ship services (containerd.service; docker-registry.service plus a SysV script
-# that would serve on :5000). The tests start their own processes on their own paths and ports,
-# so the packaged services are not wanted: services are kept from starting during the install.
+# Three packages ship services (containerd.service; docker-registry.service plus a SysV script
+# that would serve on :5000; prometheus.service plus a SysV script that would scrape and serve
+# on :9090 — its postinst also adds a `prometheus` system user). The tests start their own
+# processes on their own paths and ports, so the packaged services are not wanted: services are
+# kept from starting during the install. `--no-install-recommends` also keeps out
+# prometheus-node-exporter, which prometheus recommends and which would be one more service.
 set -euo pipefail
 
-readonly PACKAGES=(containerd docker-registry apache2-utils dbus)
+readonly PACKAGES=(containerd docker-registry apache2-utils dbus prometheus)
 readonly REQUIRED_BINARIES=(/usr/bin/containerd /usr/bin/docker-registry /usr/bin/htpasswd
-    /usr/bin/dbus-daemon)
+    /usr/bin/dbus-daemon /usr/bin/promtool)
 readonly POLICY=/usr/sbin/policy-rc.d
 
 missing_binaries() {

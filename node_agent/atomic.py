@@ -41,10 +41,16 @@ class FileSnapshot:
 
 def read_snapshot(path: Path) -> FileSnapshot:
     """Read `path` (following symlinks). Raises WriteFailed when it cannot be read at all."""
-    resolved = path.resolve()
     try:
-        with resolved.open("rb") as file:
+        resolved = path.resolve()
+    except RuntimeError:  # a symlink loop (Python < 3.13)
+        raise WriteFailed(f"{path}: symlink loop") from None
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer forever.
+        with open(os.open(resolved, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
             info = os.fstat(file.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise WriteFailed(f"{path}: is a directory, expected a file")
             if not stat.S_ISREG(info.st_mode):
                 raise WriteFailed(f"{path}: not a regular file")
             content = file.read()

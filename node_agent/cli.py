@@ -15,13 +15,23 @@ from typing import Any
 from node_agent import app
 from node_agent.demo import demo_command
 from node_agent.errors import NodeAgentError
+from node_agent.kube.model import ObjectRef
 from node_agent.logs import configure_logging
-from node_agent.settings import RELOAD_MODES, TARGET_NAMES, Settings
+from node_agent.settings import (
+    ON_SECRET_DELETE,
+    RELOAD_MODES,
+    TARGET_NAMES,
+    DaemonSettings,
+    Settings,
+)
 
 ENV_PREFIX = "NODE_AGENT_"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+# A namespace and a Secret name: DNS-1123 labels / subdomains.
+_SECRET_REF = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)/([a-z0-9]([-a-z0-9.]*[a-z0-9])?)$")
 
 
 def parse_duration(text: str) -> float:
@@ -40,6 +50,21 @@ def parse_targets(text: str) -> tuple[str, ...]:
             f"--targets takes a comma-separated subset of {','.join(TARGET_NAMES)}"
         )
     return names
+
+
+def parse_secret_ref(text: str) -> ObjectRef:
+    """`NAMESPACE/NAME` of a Secret."""
+    match = _SECRET_REF.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not NAMESPACE/NAME of a Secret: {text!r}")
+    return ObjectRef(match.group(1), match.group(3))
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise argparse.ArgumentTypeError(f"not true or false: {text!r}")
+    return value in _TRUE
 
 
 def parse_version(text: str) -> int:
@@ -145,6 +170,78 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
     flags.add("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
+def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
+    defaults = DaemonSettings()
+    flags.add(
+        "--dry-run", action="store_true", help="log what would change; write and restart nothing"
+    )
+    flags.add(
+        "--secret",
+        action="append",
+        type=parse_secret_ref,
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help="Secret read through the Kubernetes API, repeatable, highest priority first "
+        "(above every --secret-file)",
+    )
+    flags.add(
+        "--fallback-secret",
+        action="append",
+        type=parse_secret_ref,
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help="Secret used only for registries no higher source names",
+    )
+    flags.add(
+        "--kubeconfig",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="default: in-cluster ServiceAccount, else $KUBECONFIG",
+    )
+    flags.add(
+        "--on-secret-delete",
+        choices=ON_SECRET_DELETE,
+        default=defaults.on_secret_delete,
+        help="a Secret the API confirms deleted: remove its registries, or keep them",
+    )
+    durations = (
+        ("--resync-interval", "5m", "full check of sources and node files this often"),
+        ("--debounce", "200ms", "changes within this long after a pass join the next one"),
+        ("--min-reload-interval", "30s", "at most one containerd restart this often"),
+    )
+    for flag, default, help_text in durations:
+        flags.add(
+            flag,
+            type=parse_duration,
+            default=parse_duration(default),
+            metavar="DURATION",
+            help=f"{help_text} (default {default})",
+        )
+    flags.add(
+        "--node-name",
+        default=environ.get("NODE_NAME") or None,
+        help="this node's name, for Events (also env NODE_NAME)",
+    )
+    flags.add(
+        "--metrics-address",
+        default=defaults.metrics_address,
+        metavar="[HOST]:PORT",
+        help="where /metrics, /healthz and /readyz are served",
+    )
+    flags.add(
+        "--events",
+        nargs="?",
+        type=parse_bool,
+        const=True,
+        default=None,
+        metavar="true|false",
+        help="record Events on the Node (default: on when a --secret is given)",
+    )
+    flags.parser.add_argument("--no-events", dest="events", action="store_false")
+    flags.add("--once", action="store_true", help="one pass, then exit (for debugging)")
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="node-agent",
@@ -157,6 +254,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _EnvDefaults(reconcile, environ).add(
         "--dry-run", action="store_true", help="print a redacted diff; write and restart nothing"
     )
+    run = commands.add_parser(
+        "run", help="the per-node daemon: follow the sources, keep the node files in sync"
+    )
+    _add_node_flags(_EnvDefaults(run, environ))
+    _add_daemon_flags(_EnvDefaults(run, environ), environ)
     check = commands.add_parser("check", help="exit 0 if in sync, 3 if not")
     _add_node_flags(_EnvDefaults(check, environ))
     demo = commands.add_parser("demo", help="run on an embedded sample node tree (no root)")
@@ -195,12 +297,52 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def daemon_settings_from(args: argparse.Namespace) -> DaemonSettings:
+    """DaemonSettings from the flags of `run`. Raises ValueError for unusable combinations."""
+    node = settings_from(args)
+    secrets, fallback_secrets = tuple(args.secret), tuple(args.fallback_secret)
+    if not (secrets or fallback_secrets or node.secret_files or node.fallback_secret_files):
+        raise ValueError(
+            "at least one source is needed: --secret, --fallback-secret, --secret-file or "
+            "--fallback-secret-file"
+        )
+    if args.resync_interval < 1:
+        raise ValueError("--resync-interval must be at least 1s")
+    events = bool(secrets or fallback_secrets) if args.events is None else args.events
+    if events and not args.node_name:
+        raise ValueError("Events need --node-name (or NODE_NAME); or turn them off: --no-events")
+    _check_listen_address(args.metrics_address)
+    return DaemonSettings(
+        node=node,
+        secrets=secrets,
+        fallback_secrets=fallback_secrets,
+        kubeconfig=args.kubeconfig,
+        on_secret_delete=args.on_secret_delete,
+        resync_interval=args.resync_interval,
+        debounce=args.debounce,
+        min_reload_interval=args.min_reload_interval,
+        node_name=args.node_name,
+        metrics_address=args.metrics_address,
+        events=events,
+        once=args.once,
+    )
+
+
+def _check_listen_address(address: str) -> None:
+    # Imported here: only `run` serves metrics (prometheus-client is not needed otherwise).
+    from node_agent.status_server import BindAddress  # noqa: PLC0415
+
+    BindAddress.parse(address)  # ValueError names the flag's value and the expected form
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = build_parser(os.environ if environ is None else environ)
     args = parser.parse_args(argv)
     if args.command == "demo":
         configure_logging(log_format="text", level="warning")
         return _run(lambda: demo_command(args.dir, sys.stdout))
+    if args.command == "run":
+        return _run_daemon(parser, args)
     try:
         settings = settings_from(args)
     except ValueError as error:
@@ -210,6 +352,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     command = app.reconcile_command if args.command == "reconcile" else app.check_command
     return _run(lambda: command(settings, sys.stdout))
+
+
+def _run_daemon(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        settings = daemon_settings_from(args)
+    except ValueError as error:
+        parser.error(str(error))
+    configure_logging(log_format=settings.node.log_format, level=settings.node.log_level)
+    # Imported here: `reconcile` and `check` need neither watchdog nor the daemon.
+    from node_agent.daemon.run import run_daemon  # noqa: PLC0415
+
+    return _run(lambda: run_daemon(settings))
 
 
 def _run(command: Any) -> int:

@@ -6,7 +6,6 @@ up in logs, events and exit messages.
 """
 
 import base64
-import binascii
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -65,10 +64,13 @@ def normalise_registry(key: str) -> str:
     scheme_end = host.find("://")
     if scheme_end != -1:
         host = host[scheme_end + 3 :]
-    host = host.split("/", 1)[0].lower()
+    host = host.split("/", 1)[0]
     if not host:
         raise ValueError("empty registry host")
-    if not _HOST_PATTERN.match(host):
+    # ASCII first: str.lower() maps some other letters to ASCII ones (KELVIN SIGN → "k").
+    host = host.lower() if host.isascii() else ""
+    # fullmatch: `$` alone also matches before a trailing newline.
+    if not _HOST_PATTERN.fullmatch(host):
         raise ValueError("not a valid registry host[:port]")
     return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
 
@@ -187,7 +189,7 @@ def _decode_basic_auth(source: str, field_path: str, value: str) -> tuple[str, s
     padded = value.strip() + "=" * (-len(value.strip()) % 4)
     try:
         decoded = base64.b64decode(padded, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, or a non-ASCII `value`
         raise InvalidCredentials(source, field_path, "not valid base64 of UTF-8 text") from None
     username, separator, password = decoded.partition(":")
     if not separator:
@@ -221,7 +223,7 @@ def decode_secret_value(source: str, field_path: str, value: Any) -> bytes:
         raise InvalidCredentials(source, field_path, "expected a base64 string")
     try:
         return base64.b64decode("".join(value.split()), validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII `value`
         raise InvalidCredentials(source, field_path, "not valid base64") from None
 
 

@@ -1,19 +1,23 @@
 """What the agent owns on this node, persisted in the state dir (`owned.json`, mode 0600 in a
 0700 directory: previous values are credentials too).
 
-Layout: {"version": 1, "owned": {TARGET: {FILE_KEY: PREVIOUS}}, "containerd_restart_pending": B}
-where PREVIOUS is what the file held under FILE_KEY before the agent took it (null: absent).
+Layout: {"version": 1, "owned": {TARGET: {FILE_KEY: PREVIOUS}}, "containerd_restart_pending": B,
+"containerd_last_good": {"path": P, "text": T}} where PREVIOUS is what the file held under
+FILE_KEY before the agent took it (null: absent).
 `containerd_restart_pending` is set before config.toml is written and cleared once containerd
 was restarted and answered CRI, so a crash in between still leads to a restart next time.
+`containerd_last_good` (only while a restart is pending) is config.toml as it was before the
+unconfirmed write (T null: absent), so a restart that fails after such a crash can still be
+rolled back.
 """
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_agent.atomic import write_new_file
+from node_agent.atomic import remove_stale_temps, write_new_file
 from node_agent.errors import UnsupportedConfig, WriteFailed
 from node_agent.plan import Owned
 
@@ -23,11 +27,21 @@ STATE_DIR_MODE = 0o700
 
 
 @dataclass(frozen=True)
+class LastGood:
+    """config.toml (resolved `path`) as it was before a write containerd has not yet been
+    restarted on; `text` None: the file did not exist."""
+
+    path: str
+    text: str | None
+
+
+@dataclass(frozen=True)
 class AgentState:
     """Everything the agent remembers between runs."""
 
     owned: dict[str, Owned] = field(default_factory=dict)
     containerd_restart_pending: bool = False
+    containerd_last_good: LastGood | None = None
 
     def owned_in(self, target: str) -> Owned:
         return self.owned.get(target, {})
@@ -51,11 +65,14 @@ class StateStore:
 
     def save(self, state: AgentState) -> None:
         self._ensure_directory()
+        remove_stale_temps(self.path)  # left by a run killed while saving
         document = {
             "version": STATE_VERSION,
             "owned": state.owned,
             "containerd_restart_pending": state.containerd_restart_pending,
         }
+        if state.containerd_last_good is not None:
+            document["containerd_last_good"] = asdict(state.containerd_last_good)
         write_new_file(self.path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
     def _ensure_directory(self) -> None:
@@ -84,4 +101,17 @@ def _decode(path: str, raw: bytes) -> AgentState:
     ):
         raise UnsupportedConfig(path, "state file 'owned' has an unexpected shape")
     pending = document.get("containerd_restart_pending", False)
-    return AgentState(owned=owned, containerd_restart_pending=bool(pending))
+    last_good = document.get("containerd_last_good")
+    if last_good is not None and not (
+        isinstance(last_good, dict)
+        and isinstance(last_good.get("path"), str)
+        and isinstance(last_good.get("text"), str | None)
+    ):
+        raise UnsupportedConfig(path, "state file 'containerd_last_good' has an unexpected shape")
+    return AgentState(
+        owned=owned,
+        containerd_restart_pending=bool(pending),
+        containerd_last_good=None
+        if last_good is None
+        else LastGood(last_good["path"], last_good.get("text")),
+    )

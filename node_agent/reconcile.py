@@ -15,7 +15,7 @@ from typing import Protocol
 from node_agent.atomic import FileSnapshot, read_snapshot, remove_stale_temps, replace_file
 from node_agent.credentials import Credentials
 from node_agent.errors import ConcurrentModification, ReloadFailed, UnsupportedConfig
-from node_agent.ownership import AgentState, StateStore
+from node_agent.ownership import AgentState, LastGood, StateStore
 from node_agent.plan import Owned, TargetPlan, owned_while_writing, plan_target
 from node_agent.targets import Entry, FormatError, NodeFileFormat, Skip
 
@@ -124,13 +124,18 @@ class Reconciler:
             or any(prepared.node_file.restarts_containerd for prepared in to_write)
         )
         during = _state_while_writing(
-            state, outcome.files, restart_pending=restart_needed or state.containerd_restart_pending
+            state,
+            outcome.files,
+            restart_pending=restart_needed or state.containerd_restart_pending,
+            last_good=_last_good_while_writing(state, to_write, restart_needed=restart_needed),
         )
         if during != state:
             self.state_store.save(during)
+        # A killed run can leave a temp file beside a file that needs no write any more.
+        for prepared in outcome.files:
+            remove_stale_temps(prepared.snapshot.path)
         # Files that need no restart first: they are useful even if containerd then fails.
         for prepared in sorted(to_write, key=lambda p: p.node_file.restarts_containerd):
-            remove_stale_temps(prepared.snapshot.path)
             replace_file(prepared.snapshot, _encode(prepared.new_text))
             log.info(
                 "%s: wrote %s (%s)",
@@ -176,18 +181,23 @@ class Reconciler:
             return
         except ReloadFailed as failure:
             restart_error = failure
-        rolled_back = [p for p in written if p.node_file.restarts_containerd]
-        if not rolled_back:
+        # What containerd last ran, kept in the state since before the write: also when that
+        # write was made by an earlier run, killed before its restart or its rollback.
+        last_good = during.containerd_last_good or _last_good_while_writing(
+            AgentState(), written, restart_needed=True
+        )
+        if last_good is None:
             raise restart_error
-        for prepared in rolled_back:
-            _roll_back(prepared)
+        _roll_back(last_good)
         try:
             self.containerd.restart_and_verify()
         except ReloadFailed as second:
             raise ReloadFailed(
                 f"{restart_error}; config rolled back, but containerd still failed: {second}"
             ) from second
-        self.state_store.save(replace(during, containerd_restart_pending=False))
+        self.state_store.save(
+            replace(during, containerd_restart_pending=False, containerd_last_good=None)
+        )
         raise ReloadFailed(
             f"{restart_error}; previous config.toml restored and containerd restarted healthy"
         ) from restart_error
@@ -209,24 +219,47 @@ def desired_entries(
     return desired
 
 
-def _roll_back(prepared: PreparedFile) -> None:
-    written = read_snapshot(prepared.snapshot.path)
-    if prepared.snapshot.content is None:
+def _roll_back(last_good: LastGood) -> None:
+    path = Path(last_good.path)
+    if last_good.text is None:
         # We created the file: rolling back means it is gone again.
-        prepared.snapshot.path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     else:
-        replace_file(written, prepared.snapshot.content)
-    log.warning("%s: rolled back %s", prepared.node_file.name, prepared.snapshot.path)
+        current = read_snapshot(path)
+        if current.content != _encode(last_good.text):
+            replace_file(current, _encode(last_good.text))
+    log.warning("containerd: rolled back %s", path)
+
+
+def _last_good_while_writing(
+    state: AgentState, to_write: Sequence[PreparedFile], *, restart_needed: bool
+) -> LastGood | None:
+    """config.toml as containerd runs it, to roll back to if the coming restart fails."""
+    if state.containerd_restart_pending:
+        # The file on disk was never confirmed by a restart: keep what was.
+        return state.containerd_last_good
+    written = next((p for p in to_write if p.node_file.restarts_containerd), None)
+    if written is None or not restart_needed:
+        return None
+    return LastGood(str(written.snapshot.path), written.old_text)
 
 
 def _state_while_writing(
-    state: AgentState, files: Sequence[PreparedFile], *, restart_pending: bool
+    state: AgentState,
+    files: Sequence[PreparedFile],
+    *,
+    restart_pending: bool,
+    last_good: LastGood | None,
 ) -> AgentState:
     owned = dict(state.owned)
     for prepared in files:
         name = prepared.node_file.name
         owned[name] = owned_while_writing(state.owned_in(name), prepared.plan.owned_after)
-    return AgentState(owned=_drop_empty(owned), containerd_restart_pending=restart_pending)
+    return AgentState(
+        owned=_drop_empty(owned),
+        containerd_restart_pending=restart_pending,
+        containerd_last_good=last_good,
+    )
 
 
 def _state_after(
@@ -235,7 +268,11 @@ def _state_after(
     # Targets not managed in this pass (--targets) keep what they own.
     owned = {**during.owned, **{p.node_file.name: p.plan.owned_after for p in files}}
     pending = during.containerd_restart_pending and not restarted
-    return AgentState(owned=_drop_empty(owned), containerd_restart_pending=pending)
+    return AgentState(
+        owned=_drop_empty(owned),
+        containerd_restart_pending=pending,
+        containerd_last_good=during.containerd_last_good if pending else None,
+    )
 
 
 def _drop_empty(owned: dict[str, Owned]) -> dict[str, Owned]:

@@ -1,11 +1,14 @@
 """The agent's effective configuration, built by `node_agent.cli` from flags and
 `NODE_AGENT_*` environment variables."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from node_agent.kube.model import ObjectRef
 
 TARGET_NAMES = ("containerd", "kubelet")
 RELOAD_MODES = ("none", "command", "systemd")
+ON_SECRET_DELETE = ("remove", "keep")
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,53 @@ class Settings:
     def on_host(self, node_path: Path) -> Path:
         """`node_path` as reachable from here (under `host_root`)."""
         return self.host_root / node_path.relative_to(node_path.anchor)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """What `node-agent run` needs on top of one reconcile's `Settings`."""
+
+    node: Settings = field(default_factory=Settings)
+    """Every `reconcile` flag: file sources, node files, state, containerd restart."""
+
+    secrets: tuple[ObjectRef, ...] = ()
+    """Secrets read through the Kubernetes API, highest priority first. They rank above the
+    `--secret-file` sources."""
+
+    fallback_secrets: tuple[ObjectRef, ...] = ()
+    """Secrets used only for registries no higher source names; they rank above the
+    `--fallback-secret-file` sources."""
+
+    kubeconfig: Path | None = None
+    """Kubeconfig for the API; None: in-cluster ServiceAccount, else `$KUBECONFIG`."""
+
+    on_secret_delete: str = "remove"
+    """What a Secret the API confirms deleted means: `remove` its registries from the node,
+    or `keep` the credentials last read from it (for as long as this process runs)."""
+
+    resync_interval: float = 300.0
+    """Seconds between full checks of sources and node files (covers missed file events)."""
+
+    debounce: float = 0.2
+    """Seconds after a pass during which new requests are collected into one more pass."""
+
+    min_reload_interval: float = 30.0
+    """Minimum seconds between two containerd restart attempts; changes that need a restart
+    within it are applied by one restart when it has passed."""
+
+    node_name: str | None = None
+    """This node's name, for Events (`involvedObject` kind Node)."""
+
+    metrics_address: str = ":9464"
+    """`[HOST]:PORT` of the /metrics, /healthz and /readyz server; empty HOST: every address."""
+
+    events: bool = False
+    """Record Kubernetes Events on the Node."""
+
+    once: bool = False
+    """Read every source once, run one pass, exit (for debugging)."""
+
+    @property
+    def uses_api(self) -> bool:
+        """Whether the Kubernetes API is needed at all (API sources or Events)."""
+        return bool(self.secrets or self.fallback_secrets or self.events)

@@ -74,6 +74,17 @@ _SENTINEL: Final = re.compile("\x00([0-9]+)\x00\n")
 _PARSER_POSITION: Final = re.compile(r"\(at (line \d+, column \d+|end of document)\)\s*$")
 _BLANK_LINE_BEFORE_HEADER: Final = re.compile(r"\n[ \t]*\r?\n[ \t]*\[")
 _NEW_FILE_FIELD_INDENT: Final = "  "
+# What tomlkit raises on files it cannot load: its own errors, and its bugs (e.g. an
+# AttributeError when parent tables come after their children) and deep nesting.
+_TOMLKIT_FAILURES: Final = (
+    TOMLKitError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    ValueError,
+    IndexError,
+    RecursionError,
+)
 
 
 class ContainerdFormat:
@@ -152,6 +163,8 @@ def _load(text: str) -> dict[str, Any]:
         raise FormatError(
             f"config is not valid TOML ({_position_of(error)}); refusing to edit"
         ) from None
+    except RecursionError:
+        raise FormatError("config is nested too deeply to read; refusing to edit") from None
 
 
 def _position_of(error: tomllib.TOMLDecodeError) -> str:
@@ -200,7 +213,7 @@ def _verify(
 ) -> None:
     try:
         after = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         raise FormatError("the edit would not be valid TOML; refusing to write") from None
     expected = _with_changes(before, plugin, changes)
     _prune_registry_path(after, plugin, changes)
@@ -259,7 +272,7 @@ def _parse_document(text: str) -> tomlkit.TOMLDocument:
             f"tomlkit cannot load this config (line {error.line}, column {error.col}); "
             "refusing to edit"
         ) from None
-    except TOMLKitError:
+    except _TOMLKIT_FAILURES:
         raise FormatError("tomlkit cannot load this config; refusing to edit") from None
 
 

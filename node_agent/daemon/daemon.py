@@ -1,0 +1,259 @@
+"""The composition: sources, watches, the queue and its one worker, metrics, health, Events,
+and the signals that end it all.
+
+Threads: one `SecretWatcher` per API source and watchdog's observer only *request* passes;
+the worker runs them; the status server answers scrapes and probes; the Event recorder
+delivers Events. SIGTERM/SIGINT close the queue (the pass in progress, with its write,
+finishes), stop the watches and the server, and the process exits 0.
+
+The `kubernetes` package is imported only when the API is used (API sources or Events): it
+costs ~0.6 s and ~68 MB, which a file-only agent does not need to pay.
+"""
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from node_agent.daemon.file_watch import (
+    DirectoryWatch,
+    Interest,
+    interest_in_file,
+    interest_in_source,
+)
+from node_agent.daemon.report import DaemonReporter, EventSink, Readiness
+from node_agent.daemon.sources import CredentialSources
+from node_agent.daemon.targets import NodeTargets, build_targets
+from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
+from node_agent.daemon.worker import START, WORKER_LOOP, PassReport, Worker, WorkerTiming
+from node_agent.errors import NodeAgentError
+from node_agent.kube.errors import ErrorReason
+from node_agent.kube.model import ObjectRef, SecretApi
+from node_agent.kube.secret_watch import (
+    RestartCause,
+    SecretSnapshot,
+    SecretWatcher,
+    WatchSettings,
+    secret_content,
+)
+from node_agent.metrics import AgentMetrics
+from node_agent.settings import DaemonSettings
+from node_agent.status_server import Health, StatusServer
+
+log = logging.getLogger(__name__)
+
+STOP_BUDGET_SECONDS = 4.0
+"""SIGTERM to exit: the issue allows 5 s; the rest is interpreter shutdown."""
+
+_FILE_WATCH_LOOP = "file-watch"
+
+
+class StartupFailed(NodeAgentError):
+    """The daemon could not start (port taken, API client configuration unusable)."""
+
+
+class ApiClient(SecretApi, Protocol):
+    """The Kubernetes API as the daemon uses it (`node_agent.kube.client.KubeApi`)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DaemonParts:
+    """What the daemon talks to; `build_daemon` makes the real ones, tests may swap some."""
+
+    metrics: AgentMetrics
+    health: Health
+    events: EventSink
+    api: ApiClient | None
+    status: StatusServer | None
+    watch_settings: WatchSettings
+    timing: WorkerTiming
+    clock: Callable[[], float] = time.monotonic
+
+
+class _Beats:
+    """The worker's heartbeat also vouches for the other loops whose threads are alive, so
+    /healthz fails when any of them died."""
+
+    def __init__(self, health: Health, others: Callable[[], dict[str, Callable[[], bool]]]) -> None:
+        self._health = health
+        self._others = others
+
+    def beat(self, loop: str) -> None:
+        self._health.beat(loop)
+        for name, alive in self._others().items():
+            if alive():
+                self._health.beat(name)
+
+
+class Daemon:
+    """`node-agent run`: `start()`, then `stop()`; or `run_once()`."""
+
+    def __init__(self, settings: DaemonSettings, parts: DaemonParts) -> None:
+        self.settings = settings
+        self.parts = parts
+        node = settings.node
+        self.sources = CredentialSources(
+            secrets=settings.secrets,
+            files=node.secret_files,
+            fallback_secrets=settings.fallback_secrets,
+            fallback_files=node.fallback_secret_files,
+            on_delete=settings.on_secret_delete,
+        )
+        self.targets: NodeTargets = build_targets(
+            node, min_reload_interval=settings.min_reload_interval, clock=parts.clock
+        )
+        self.queue = WorkQueue(debounce=settings.debounce, clock=parts.clock)
+        readiness = Readiness(parts.health, self.sources)
+        self.reporter = DaemonReporter(
+            metrics=parts.metrics, events=parts.events, readiness=readiness
+        )
+        self.file_watch = DirectoryWatch(self._interests())
+        self.worker = Worker(
+            queue=self.queue,
+            sources=self.sources,
+            targets=self.targets,
+            reporter=self.reporter,
+            readiness=readiness,
+            health=_Beats(parts.health, self._other_loops),
+            timing=parts.timing,
+            dry_run=node.dry_run,
+            clock=parts.clock,
+        )
+        self._worker_thread = threading.Thread(target=self.worker.run, name="worker", daemon=True)
+        self._watchers = [self._watcher(ref) for ref in self.sources.secret_refs]
+        self._watch_threads = {
+            f"secret-watch {watcher.ref}": threading.Thread(
+                target=watcher.run, name=f"secret-watch {watcher.ref}", daemon=True
+            )
+            for watcher in self._watchers
+        }
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Serve status, watch files and Secrets, run the worker. Returns at once."""
+        if self.parts.status is not None:
+            try:
+                self.parts.status.start()
+            except OSError as error:
+                raise StartupFailed(
+                    f"cannot serve metrics on {self.settings.metrics_address}: "
+                    f"{error.strerror or error}"
+                ) from error
+        health = self.parts.health
+        health.register_loop(WORKER_LOOP)
+        for loop in self._other_loops():
+            health.register_loop(loop)
+        self.file_watch.start()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = STOP_BUDGET_SECONDS) -> bool:
+        """Let the pass in progress finish, stop everything; True if all ended in time."""
+        deadline = time.monotonic() + timeout
+        self.queue.close()
+        for watcher in self._watchers:
+            watcher.stop(timeout=0)  # interrupts its stream; our thread is joined below
+        self.file_watch.stop(timeout=_left(deadline))
+        started = [thread for thread in self._threads if thread.ident is not None]
+        for thread in started:
+            thread.join(_left(deadline))
+        stopped = not any(thread.is_alive() for thread in started)
+        if self.parts.status is not None:
+            self.parts.status.stop()
+        self._close_api(deadline)
+        if not stopped:
+            log.warning("stopping: some threads were still busy after %.1fs", timeout)
+        return stopped
+
+    def run_once(self) -> PassReport | None:
+        """Read every source once (one list per Secret), run one pass. None: no pass ran
+        (a source is invalid or missing; the log says which)."""
+        for ref in self.sources.secret_refs:
+            self._on_secret_change(ref, self._list_once(ref))
+        report = self.worker.handle(Batch(frozenset({START})))
+        self._close_api(time.monotonic() + 1.0)
+        return report
+
+    @property
+    def status_port(self) -> int | None:
+        return None if self.parts.status is None else self.parts.status.port
+
+    # sources → queue
+
+    def _watcher(self, ref: ObjectRef) -> SecretWatcher:
+        assert self.parts.api is not None, "API sources need an API client"
+        return SecretWatcher(
+            ref.namespace,
+            ref.name,
+            api=self.parts.api,
+            on_change=functools.partial(self._on_secret_change, ref),
+            on_error=functools.partial(self._on_source_error, ref),
+            on_watch_restart=functools.partial(self._on_watch_restart, ref),
+            settings=self.parts.watch_settings,
+        )
+
+    def _on_secret_change(self, ref: ObjectRef, snapshot: SecretSnapshot) -> None:
+        change = self.sources.apply_secret(ref, snapshot)
+        self.reporter.source_changed(change)
+        if change.credentials_changed:
+            self.queue.request(Trigger("source", str(ref)))
+
+    def _on_source_error(self, ref: ObjectRef, reason: ErrorReason) -> None:
+        self.reporter.source_error(str(ref), reason)
+
+    def _on_watch_restart(self, ref: ObjectRef, cause: RestartCause) -> None:
+        self.reporter.watch_restarted(str(ref))
+
+    def _list_once(self, ref: ObjectRef) -> SecretSnapshot:
+        assert self.parts.api is not None, "API sources need an API client"
+        settings = self.parts.watch_settings
+        listing = self.parts.api.list_secret(
+            ref, request_timeout=(settings.connect_timeout, settings.list_read_timeout)
+        )
+        item = next((i for i in listing.items if _name_of(i) == ref.name), None)
+        content = None if item is None else secret_content(ref, item)
+        return SecretSnapshot(content, listing.resource_version)
+
+    def _interests(self) -> list[Interest]:
+        node_files = [
+            interest_in_file(node_file.path, self._requester(Trigger("node-file", node_file.name)))
+            for node_file in self.targets.files
+        ]
+        source_files = [
+            interest_in_source(path, self._requester(Trigger("source-file", str(path))))
+            for path in self.sources.file_paths
+        ]
+        return node_files + source_files
+
+    def _requester(self, trigger: Trigger) -> Callable[[], None]:
+        return functools.partial(self.queue.request, trigger)
+
+    # helpers
+
+    @property
+    def _threads(self) -> list[threading.Thread]:
+        return [self._worker_thread, *self._watch_threads.values()]
+
+    def _other_loops(self) -> dict[str, Callable[[], bool]]:
+        loops = {name: thread.is_alive for name, thread in self._watch_threads.items()}
+        return {_FILE_WATCH_LOOP: self.file_watch.is_alive, **loops}
+
+    def _close_api(self, deadline: float) -> None:
+        self.parts.events.close(timeout=_left(deadline))
+        if self.parts.api is not None:
+            self.parts.api.close()
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _name_of(obj: object) -> str | None:
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    return metadata.get("name") if isinstance(metadata, dict) else None

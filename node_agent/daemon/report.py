@@ -1,0 +1,166 @@
+"""What the daemon tells the outside: metrics, Kubernetes Events on the Node, readiness.
+
+Event messages name registries, sources and files, never credential values: the registry
+keys come from the plans, the problems from `InvalidCredentials` / `ReloadFailed`, whose
+messages carry no values by construction.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
+
+from node_agent.daemon.outcomes import TargetWrite
+from node_agent.daemon.sources import CredentialSources, SourceChange
+from node_agent.daemon.worker import PassReport
+from node_agent.kube.errors import ErrorReason
+from node_agent.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+EventType = Literal["Normal", "Warning"]
+
+APPLIED = "RegistryCredentialsApplied"
+DRIFT_REPAIRED = "RegistryCredentialsDriftRepaired"
+INVALID = "RegistryCredentialsInvalid"
+ROLLED_BACK = "ContainerdRestartRolledBack"
+
+
+class EventSink(Protocol):
+    """`NodeEventRecorder`'s interface: queue an Event about the Node, never raise."""
+
+    def record(self, reason: str, message: str, *, type: EventType = "Normal") -> None: ...
+
+    def close(self, timeout: float = 2.0) -> bool:
+        """Deliver what is queued (within `timeout`) and stop."""
+        ...
+
+
+class NoEvents:
+    """`--no-events`: Events are not recorded."""
+
+    def record(self, reason: str, message: str, *, type: EventType = "Normal") -> None:
+        log.debug("event %s not recorded (events are off)", reason)
+
+    def close(self, timeout: float = 2.0) -> bool:
+        return True
+
+
+class ReadinessSink(Protocol):
+    def set_ready(self, ready: bool, reason: str) -> None: ...
+
+
+def readiness_of(
+    *, first_pass_done: bool, problems: dict[str, str], waiting: Sequence[str]
+) -> tuple[bool, str]:
+    """Ready once a pass succeeded, and while every source is valid."""
+    if problems:
+        return False, "invalid credentials source: " + "; ".join(problems.values())
+    if waiting:
+        return False, "waiting for a first good read of " + ", ".join(waiting)
+    if not first_pass_done:
+        return False, "waiting for the first successful reconcile"
+    return True, "ok"
+
+
+class Readiness:
+    """Keeps /readyz in line with the sources and the first successful pass."""
+
+    def __init__(self, health: ReadinessSink, sources: CredentialSources) -> None:
+        self._health = health
+        self._sources = sources
+        self._lock = threading.Lock()
+        self._first_pass_done = False
+
+    def pass_succeeded(self) -> None:
+        with self._lock:
+            self._first_pass_done = True
+        self.update()
+
+    def update(self) -> None:
+        with self._lock:  # one update at a time: watchers and the worker both call this
+            ready, reason = readiness_of(
+                first_pass_done=self._first_pass_done,
+                problems=self._sources.problems(),
+                waiting=self._sources.waiting_for(),
+            )
+            self._health.set_ready(ready, reason)
+
+
+class DaemonReporter:
+    """The worker's and the sources' findings → metrics, Events, readiness."""
+
+    def __init__(
+        self,
+        *,
+        metrics: AgentMetrics,
+        events: EventSink,
+        readiness: Readiness,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._metrics = metrics
+        self._events = events
+        self._readiness = readiness
+        self._wall_clock = wall_clock
+
+    def pass_done(self, report: PassReport) -> None:
+        metrics = self._metrics
+        metrics.reconcile_total.labels(result=report.result).inc()
+        metrics.reconcile_duration_seconds.observe(report.duration)
+        for target, in_sync in report.in_sync.items():
+            metrics.in_sync.labels(target=target).set(1 if in_sync else 0)
+        for target, count in report.managed.items():
+            metrics.managed_registries.labels(target=target).set(count)
+        if report.fully_in_sync:
+            metrics.last_success_timestamp_seconds.set(self._wall_clock())
+        if report.restart is not None:
+            metrics.containerd_restarts_total.labels(result=report.restart).inc()
+        self._report_writes(report.writes)
+        if report.restart == "rolled_back":
+            self._events.record(ROLLED_BACK, rolled_back_message(report.error), type="Warning")
+
+    def source_changed(self, change: SourceChange) -> None:
+        if change.new_problem is not None:
+            self.source_error(change.source, "invalid")
+            self._events.record(
+                INVALID,
+                f"{change.new_problem}; keeping the last good credentials of this source",
+                type="Warning",
+            )
+        self._readiness.update()
+
+    def source_error(self, source: str, reason: ErrorReason) -> None:
+        self._metrics.source_errors_total.labels(source=source, reason=reason).inc()
+
+    def watch_restarted(self, source: str) -> None:
+        self._metrics.watch_restarts_total.labels(source=source).inc()
+
+    def _report_writes(self, writes: Sequence[TargetWrite]) -> None:
+        repaired = [write for write in writes if write.drift]
+        applied = [write for write in writes if not write.drift]
+        for write in repaired:
+            self._metrics.drift_repairs_total.labels(target=write.target).inc()
+        if repaired:
+            log.warning("repaired entries changed by someone else: %s", describe_writes(repaired))
+            self._events.record(
+                DRIFT_REPAIRED,
+                "repaired changes made outside the agent: " + describe_writes(repaired),
+            )
+        if applied:
+            self._events.record(
+                APPLIED, "applied registry credentials: " + describe_writes(applied)
+            )
+
+
+def describe_writes(writes: Sequence[TargetWrite]) -> str:
+    """`/etc/containerd/config.toml: a.example, b.example; /var/lib/...: ...` (no values)."""
+    return "; ".join(f"{write.path}: {', '.join(write.registries)}" for write in writes)
+
+
+def rolled_back_message(error: str | None) -> str:
+    return (
+        "containerd did not come back healthy with the new config.toml; the previous "
+        f"config.toml was restored and containerd restarted ({error or 'no detail'}). "
+        "The change is retried after --min-reload-interval."
+    )

@@ -1,0 +1,712 @@
+"""`node-agent run` in-process: the real `kubernetes` client against the test API server
+(tests/kubeapi.py), real node files in tmp_path, real watchdog, a real restart command and a
+fake CRI for the health check. Metrics are read from the status server's /metrics, Events
+from the test API server.
+
+Intervals are short (debounce 50 ms, min reload interval 1 s) so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_cri import FakeCri
+from kubeapi import KubeApiServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from node_agent.daemon.daemon import Daemon
+from node_agent.daemon.run import build_daemon
+from node_agent.daemon.work_queue import Batch
+from node_agent.daemon.worker import RESYNC, START, WorkerTiming
+from node_agent.kube.model import ObjectRef
+from node_agent.kube.secret_watch import WatchSettings
+from node_agent.settings import DaemonSettings, Settings
+
+NS = "kube-system"
+NAME = "registry-credentials"
+SECRET = ObjectRef(NS, NAME)
+REGISTRY = "reg.example:5000"
+CRI = "io.containerd.grpc.v1.cri"
+DOCKERCONFIG = "kubernetes.io/dockerconfigjson"
+NODE_NAME = "node-1"
+
+FOREIGN_TOML = f"""# node image config
+version = 2
+
+[plugins."{CRI}".registry.configs."foreign.example".auth]
+  username = "theirs"
+  password = "their-password"
+"""
+FOREIGN_JSON = '{\n  "auths": {\n    "quay.io": {\n      "auth": "cTpx"\n    }\n  }\n}\n'
+
+FAST_WATCH = WatchSettings(
+    watch_timeout_seconds=10,
+    connect_timeout=1.0,
+    list_read_timeout=2.0,
+    watch_read_timeout=0.5,  # the test server sends a bookmark every 0.1 s
+    backoff_initial=0.05,
+    backoff_max=0.2,
+)
+
+# Restarts "containerd": appends a line to the log; fails while config.toml names
+# broken.example (like a containerd that does not come back with a bad config).
+RESTART_SCRIPT = """#!/bin/sh
+if grep -q broken.example "$2"; then
+  echo "containerd did not start" >&2
+  exit 1
+fi
+date +%s.%N >> "$1"
+"""
+
+
+def dockerconfig(password: str, registry: str = REGISTRY) -> dict[str, bytes]:
+    document = {"auths": {registry: {"username": "puller", "password": password}}}
+    return {".dockerconfigjson": json.dumps(document).encode()}
+
+
+@dataclass
+class Node:
+    """A node's files in tmp_path, with a foreign entry in each."""
+
+    root: Path
+
+    @property
+    def config_toml(self) -> Path:
+        return self.root / "etc/containerd/config.toml"
+
+    @property
+    def config_json(self) -> Path:
+        return self.root / "var/lib/kubelet/config.json"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var/lib/node-agent"
+
+    @property
+    def restart_log(self) -> Path:
+        return self.root / "restarts.log"
+
+    def restart_times(self) -> list[float]:
+        """Wall-clock time of each successful restart."""
+        if not self.restart_log.exists():
+            return []
+        return [float(line) for line in self.restart_log.read_text().split()]
+
+    def restarts(self) -> int:
+        return len(self.restart_times())
+
+    def containerd_password(self, registry: str = REGISTRY) -> str | None:
+        if not self.config_toml.exists():
+            return None
+        configs = tomllib.loads(self.config_toml.read_text())["plugins"][CRI]["registry"]["configs"]
+        auth = configs.get(registry, {}).get("auth")
+        return None if auth is None else str(auth["password"])
+
+    def kubelet_password(self, registry: str = REGISTRY) -> str | None:
+        if not self.config_json.exists():
+            return None
+        entry = json.loads(self.config_json.read_text())["auths"].get(registry)
+        if entry is None:
+            return None
+        return base64.b64decode(entry["auth"]).decode().partition(":")[2]
+
+    def passwords(self) -> tuple[str | None, str | None]:
+        return self.containerd_password(), self.kubelet_password()
+
+    def temp_files(self) -> list[Path]:
+        return [p for p in self.root.rglob("*") if ".node-agent-" in p.name]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    node = Node(tmp_path / "node")
+    node.config_toml.parent.mkdir(parents=True)
+    node.config_json.parent.mkdir(parents=True)
+    node.config_toml.write_text(FOREIGN_TOML)
+    node.config_json.write_text(FOREIGN_JSON)
+    return node
+
+
+@pytest.fixture
+def cri_socket() -> Iterator[str]:
+    """A fake CRI answering Version, on a short path (unix socket paths are limited)."""
+    directory = tempfile.mkdtemp(prefix="na-cri-", dir="/tmp")
+    socket_path = os.path.join(directory, "cri.sock")
+    fake = FakeCri(socket_path).start()
+    yield socket_path
+    fake.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 3.0, what: str = "") -> float:
+    """Poll until `condition()` is truthy; the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"not in {timeout}s: {what}"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+@dataclass
+class Agent:
+    daemon: Daemon
+    node: Node
+    kube_api: KubeApiServer
+    stopped: bool = False
+
+    def get(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.daemon.status_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        _, text = self.get("/metrics")
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value, 0 when it is absent."""
+        return self.metrics().get((name, frozenset(labels.items())), 0.0)
+
+    def reconciles(self) -> float:
+        return sum(
+            self.metric("node_agent_reconcile_total", result=r)
+            for r in ("applied", "noop", "error")
+        )
+
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        return self.kube_api.events("default", reason=reason)
+
+    def wait_for_passwords(self, password: str | None, timeout: float = 3.0) -> float:
+        return wait_until(
+            lambda: self.node.passwords() == (password, password),
+            timeout,
+            f"both files hold {password!r}, they hold {self.node.passwords()}",
+        )
+
+    def wait_idle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:
+        """Until no pass ran for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        last = self.reconciles()
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.reconciles()
+            if now == last:
+                return
+            last = now
+        raise AssertionError("the agent never went quiet")
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            assert self.daemon.stop(timeout=4), "the daemon did not stop in time"
+
+
+StartAgent = Callable[..., Agent]
+
+
+@pytest.fixture
+def start_agent(
+    node: Node, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
+) -> Iterator[StartAgent]:
+    running: list[Agent] = []
+    script = tmp_path / "restart.sh"
+    script.write_text(RESTART_SCRIPT)
+    script.chmod(0o755)
+
+    def start(
+        *,
+        secrets: tuple[ObjectRef, ...] = (SECRET,),
+        secret_files: tuple[Path, ...] = (),
+        restart: bool = False,
+        on_secret_delete: str = "remove",
+        resync_interval: float = 60.0,
+    ) -> Agent:
+        assert kube_api.kubeconfig_path is not None
+        settings = DaemonSettings(
+            node=Settings(
+                secret_files=secret_files,
+                containerd_config=node.config_toml,
+                kubelet_config=node.config_json,
+                state_dir=node.state_dir,
+                reload="command" if restart else "none",
+                reload_command=(
+                    "/bin/sh",
+                    str(script),
+                    str(node.restart_log),
+                    str(node.config_toml),
+                )
+                if restart
+                else (),
+                reload_timeout=3.0,
+                containerd_socket=Path(cri_socket),
+            ),
+            secrets=secrets,
+            kubeconfig=kube_api.kubeconfig_path,
+            on_secret_delete=on_secret_delete,
+            resync_interval=resync_interval,
+            debounce=0.05,
+            min_reload_interval=1.0,
+            node_name=NODE_NAME,
+            metrics_address="127.0.0.1:0",
+            events=bool(secrets),
+        )
+        timing = WorkerTiming(
+            resync_interval=resync_interval, heartbeat=1.0, retry_initial=0.05, retry_max=0.2
+        )
+        daemon = build_daemon(settings, watch_settings=FAST_WATCH, timing=timing)
+        agent = Agent(daemon, node, kube_api)
+        running.append(agent)
+        daemon.start()
+        return agent
+
+    yield start
+    for agent in running:
+        agent.stop()
+
+
+def create_secret(kube_api: KubeApiServer, password: str) -> str:
+    return kube_api.create_secret(NS, NAME, dockerconfig(password), type=DOCKERCONFIG)
+
+
+def update_secret(kube_api: KubeApiServer, password: str) -> str:
+    return kube_api.update_secret(NS, NAME, dockerconfig(password))
+
+
+# --- following the Secret -----------------------------------------------------------------
+
+
+def test_secret_create_update_delete_are_followed_and_foreign_entries_stay(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    agent = start_agent()
+    wait_until(lambda: agent.get("/readyz")[0] == 200, what="ready with no Secret yet")
+    assert node.passwords() == (None, None)
+
+    create_secret(kube_api, "Pa55-first")
+    agent.wait_for_passwords("Pa55-first")
+    update_secret(kube_api, "Pa55-second")
+    agent.wait_for_passwords("Pa55-second")
+    kube_api.delete_secret(NS, NAME)
+    agent.wait_for_passwords(None)
+
+    assert node.containerd_password("foreign.example") == "their-password"
+    assert node.kubelet_password("quay.io") == "q"
+    assert node.config_toml.read_text() == FOREIGN_TOML
+    assert node.config_json.read_text() == FOREIGN_JSON
+    wait_until(lambda: agent.events("RegistryCredentialsApplied"), what="Applied event")
+    message = agent.events("RegistryCredentialsApplied")[0]["message"]
+    assert REGISTRY in message and str(node.config_toml) in message
+    assert "Pa55" not in json.dumps(kube_api.events())
+    assert agent.metric("node_agent_drift_repairs_total", target="containerd") == 0
+
+
+def test_with_on_secret_delete_keep_a_deleted_secret_leaves_the_files_alone(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "kept")
+    agent = start_agent(on_secret_delete="keep")
+    agent.wait_for_passwords("kept")
+    kube_api.delete_secret(NS, NAME)
+    time.sleep(0.4)
+    assert node.passwords() == ("kept", "kept")
+    assert agent.get("/readyz")[0] == 200
+
+
+def test_startup_makes_one_list_and_one_watch_per_source(
+    kube_api: KubeApiServer, start_agent: StartAgent
+) -> None:
+    create_secret(kube_api, "pw")
+    kube_api.create_secret(NS, "second", dockerconfig("other", "other.example"), type=DOCKERCONFIG)
+    agent = start_agent(secrets=(SECRET, ObjectRef(NS, "second")))
+    agent.wait_for_passwords("pw")
+    time.sleep(0.3)  # several bookmarks later
+    verbs = sorted(r.verb for r in kube_api.requests(plural="secrets"))
+    assert verbs == ["list", "list", "watch", "watch"]
+
+
+def test_an_api_outage_removes_nothing_and_the_agent_catches_up_after_it(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "before")
+    agent = start_agent()
+    agent.wait_for_passwords("before")
+    with kube_api.outage():
+        update_secret(kube_api, "during")  # straight into the store: nobody can see it yet
+        wait_until(
+            lambda: (
+                agent.metric(
+                    "node_agent_source_errors_total", source=str(SECRET), reason="unreachable"
+                )
+                >= 2
+            ),
+            what="failed attempts counted",
+        )
+        assert node.passwords() == ("before", "before")
+        assert agent.get("/readyz")[0] == 200  # an outage is not the node's problem
+    agent.wait_for_passwords("during")
+    assert agent.metric("node_agent_watch_restarts_total", source=str(SECRET)) >= 1
+
+
+def test_an_agent_started_during_an_outage_waits_and_removes_nothing(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "applied-earlier")
+    first = start_agent()
+    first.wait_for_passwords("applied-earlier")
+    first.stop()
+    with kube_api.outage():
+        second = start_agent()
+        time.sleep(0.5)
+        assert node.passwords() == ("applied-earlier", "applied-earlier")
+        status, reason = second.get("/readyz")
+        assert status == 503 and "waiting for a first good read" in reason
+    update_secret(kube_api, "after")
+    second.wait_for_passwords("after")
+
+
+def test_410_gone_relists_without_missing_an_update(
+    kube_api: KubeApiServer, start_agent: StartAgent
+) -> None:
+    create_secret(kube_api, "one")
+    agent = start_agent()
+    agent.wait_for_passwords("one")
+    kube_api.stall_watches()  # the open watch will not deliver what follows
+    update_secret(kube_api, "two")
+    kube_api.compact()  # and its resourceVersion is now too old
+    kube_api.drop_watches()
+    agent.wait_for_passwords("two")
+    lists = [r for r in kube_api.requests(plural="secrets") if r.verb == "list"]
+    assert len(lists) == 2
+
+
+# --- drift ----------------------------------------------------------------------------------
+
+
+def edit_in_place(path: Path) -> None:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        path.write_text(text.replace('password = "pw"', 'password = "edited"'))
+    else:
+        document = json.loads(text)
+        document["auths"][REGISTRY]["auth"] = base64.b64encode(b"puller:edited").decode()
+        path.write_text(json.dumps(document))
+
+
+def replace_atomically(path: Path) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(FOREIGN_TOML if path.suffix == ".toml" else FOREIGN_JSON)
+    temp.rename(path)
+
+
+DRIFTS: dict[str, Callable[[Path], None]] = {
+    "edit": edit_in_place,
+    "delete": Path.unlink,
+    "atomic replace": replace_atomically,
+}
+
+
+@pytest.mark.parametrize("target", ["containerd", "kubelet"])
+@pytest.mark.parametrize("drift", list(DRIFTS))
+def test_drift_is_repaired_within_a_second_and_counted(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node, target: str, drift: str
+) -> None:
+    create_secret(kube_api, "pw")
+    agent = start_agent()
+    agent.wait_for_passwords("pw")
+    agent.wait_idle()
+    path = node.config_toml if target == "containerd" else node.config_json
+
+    DRIFTS[drift](path)
+    took = agent.wait_for_passwords("pw", timeout=1.0)
+
+    assert took < 1.0
+    wait_until(lambda: agent.metric("node_agent_drift_repairs_total", target=target) == 1)
+    other = "kubelet" if target == "containerd" else "containerd"
+    assert agent.metric("node_agent_drift_repairs_total", target=other) == 0
+    wait_until(lambda: agent.events("RegistryCredentialsDriftRepaired"), what="event")
+    assert str(path) in agent.events("RegistryCredentialsDriftRepaired")[0]["message"]
+
+
+def test_own_writes_are_neither_drift_nor_extra_passes(
+    kube_api: KubeApiServer, start_agent: StartAgent
+) -> None:
+    create_secret(kube_api, "v0")
+    agent = start_agent()
+    agent.wait_for_passwords("v0")
+    agent.wait_idle()
+    before = agent.reconciles()
+    for version in range(1, 4):
+        update_secret(kube_api, f"v{version}")
+        agent.wait_for_passwords(f"v{version}")
+        agent.wait_idle(quiet=0.2)
+    assert agent.reconciles() - before == 3  # one pass per update, none for its own echo
+    for target in ("containerd", "kubelet"):
+        assert agent.metric("node_agent_drift_repairs_total", target=target) == 0
+
+
+def test_a_resync_finds_a_change_no_event_reported(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "pw")
+    agent = start_agent()
+    agent.wait_for_passwords("pw")
+    agent.stop()  # no more file events, no more passes of its own
+    node.config_json.write_text(FOREIGN_JSON)
+    report = agent.daemon.worker.handle(Batch(frozenset({RESYNC})))
+    assert report is not None and report.result == "applied"
+    assert node.kubelet_password() == "pw"
+    assert [w.drift for w in report.writes] == [True]
+    unchanged = agent.daemon.worker.handle(Batch(frozenset({RESYNC})))
+    assert unchanged is not None and unchanged.result == "noop"
+
+
+# --- containerd restarts ------------------------------------------------------------------
+
+
+def test_a_burst_of_100_updates_costs_a_handful_of_passes_and_one_restart(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "initial")
+    agent = start_agent(restart=True)
+    agent.wait_for_passwords("initial")
+    wait_until(lambda: node.restarts() == 1, what="the restart for the initial credentials")
+    wait_until(lambda: agent.reconciles() == 1)
+    before = agent.reconciles()
+
+    for version in range(100):
+        update_secret(kube_api, f"burst-{version}")
+
+    wait_until(lambda: node.kubelet_password() == "burst-99", what="kubelet follows at once")
+    assert node.containerd_password() == "initial"  # restarted less than 1 s ago
+    agent.wait_for_passwords("burst-99", timeout=3)
+    agent.wait_idle()
+    assert node.restarts() == 2  # the start, then exactly one for the whole burst
+    assert agent.reconciles() - before <= 8
+    assert agent.metric("node_agent_containerd_restarts_total", result="success") == 2
+    assert agent.metric("node_agent_in_sync", target="containerd") == 1
+
+
+def test_restarts_are_rate_limited_and_changes_during_the_wait_coalesce(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "one")
+    agent = start_agent(restart=True)
+    agent.wait_for_passwords("one")
+    update_secret(kube_api, "two")
+    wait_until(lambda: node.kubelet_password() == "two")
+    assert node.containerd_password() == "one"
+    assert agent.metric("node_agent_in_sync", target="containerd") == 0
+    update_secret(kube_api, "three")
+    agent.wait_for_passwords("three")
+    agent.wait_idle()
+    first, second = node.restart_times()  # "two" never needed a restart of its own
+    assert second - first == pytest.approx(1.0, abs=0.1)
+
+
+def test_a_restart_that_fails_is_rolled_back_and_retried_once_per_interval(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "pw")
+    agent = start_agent(restart=True)
+    agent.wait_for_passwords("pw")
+    update_secret(kube_api, "pw")  # no change: no restart
+    kube_api.update_secret(NS, NAME, dockerconfig("pw", "broken.example"))
+    wait_until(
+        lambda: agent.metric("node_agent_containerd_restarts_total", result="rolled_back") == 1,
+        what="first rollback",
+    )
+    time.sleep(2.3)
+    rolled_back = agent.metric("node_agent_containerd_restarts_total", result="rolled_back")
+    assert 2 <= rolled_back <= 4  # once per second at most, never a loop
+    assert "broken.example" not in node.config_toml.read_text()
+    assert node.kubelet_password("broken.example") == "pw"  # needs no restart
+    (event,) = agent.events("ContainerdRestartRolledBack")
+    assert event["type"] == "Warning" and event["count"] >= 2
+    assert agent.metric("node_agent_reconcile_total", result="error") >= 2
+
+
+# --- invalid Secret, metrics, health -------------------------------------------------------
+
+
+def test_an_invalid_secret_keeps_the_last_good_credentials_and_turns_readiness_off(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "good")
+    agent = start_agent()
+    agent.wait_for_passwords("good")
+    wait_until(lambda: agent.get("/readyz")[0] == 200)
+
+    kube_api.update_secret(NS, NAME, {".dockerconfigjson": b'{"auths": {"r.example": 5}}'})
+    wait_until(lambda: agent.get("/readyz")[0] == 503, what="not ready")
+    reason = agent.get("/readyz")[1]
+    assert str(SECRET) in reason and "expected an object" in reason
+    invalid = agent.metric("node_agent_source_errors_total", source=str(SECRET), reason="invalid")
+    assert invalid == 1
+    wait_until(lambda: agent.events("RegistryCredentialsInvalid"), what="Invalid event")
+    assert agent.events("RegistryCredentialsInvalid")[0]["type"] == "Warning"
+    assert node.passwords() == ("good", "good")
+
+    update_secret(kube_api, "fixed")
+    agent.wait_for_passwords("fixed")
+    wait_until(lambda: agent.get("/readyz")[0] == 200, what="ready again")
+
+
+METRIC_NAMES = {
+    "node_agent_reconcile_total",
+    "node_agent_reconcile_duration_seconds_bucket",
+    "node_agent_drift_repairs_total",
+    "node_agent_in_sync",
+    "node_agent_managed_registries",
+    "node_agent_last_success_timestamp_seconds",
+    "node_agent_containerd_restarts_total",
+    "node_agent_source_errors_total",
+    "node_agent_watch_restarts_total",
+}
+
+
+def test_metrics_and_health_after_the_first_pass(
+    kube_api: KubeApiServer, start_agent: StartAgent
+) -> None:
+    create_secret(kube_api, "pw")
+    agent = start_agent()
+    agent.wait_for_passwords("pw")
+    wait_until(lambda: agent.metric("node_agent_reconcile_total", result="applied") == 1)
+
+    assert {name for name, _ in agent.metrics()} >= METRIC_NAMES
+    for target in ("containerd", "kubelet"):
+        assert agent.metric("node_agent_in_sync", target=target) == 1
+        assert agent.metric("node_agent_managed_registries", target=target) == 1
+    last_success = agent.metric("node_agent_last_success_timestamp_seconds")
+    assert time.time() - 10 < last_success <= time.time()
+    assert agent.metric("node_agent_reconcile_duration_seconds_count") >= 1
+    assert agent.get("/healthz") == (200, "ok\n")
+    assert agent.get("/readyz") == (200, "ok\n")
+    _, text = agent.get("/metrics")
+    assert "pw" not in text.replace("password", "")
+
+
+# --- file sources -------------------------------------------------------------------------
+
+
+@dataclass
+class SecretVolume:
+    """A directory laid out like kubelet's Secret volume: keys link through `..data`."""
+
+    path: Path
+    generation: int = field(default=0)
+
+    def publish(self, password: str) -> None:
+        self.generation += 1
+        version = self.path / f"..2026_{self.generation:04d}"
+        version.mkdir(parents=True)
+        (version / ".dockerconfigjson").write_bytes(dockerconfig(password)[".dockerconfigjson"])
+        link = self.path / "..data_tmp"
+        link.symlink_to(version.name)
+        link.rename(self.path / "..data")  # the atomic swap kubelet does
+        key = self.path / ".dockerconfigjson"
+        if not key.is_symlink():
+            key.symlink_to("..data/.dockerconfigjson")
+
+
+def test_a_secret_volume_is_followed_through_its_data_swaps(
+    start_agent: StartAgent, tmp_path: Path
+) -> None:
+    volume = SecretVolume(tmp_path / "volume")
+    volume.publish("mounted-1")
+    agent = start_agent(secrets=(), secret_files=(volume.path,))
+    agent.wait_for_passwords("mounted-1")
+    volume.publish("mounted-2")
+    agent.wait_for_passwords("mounted-2", timeout=1.0)
+
+
+def test_api_sources_outrank_file_sources(
+    kube_api: KubeApiServer, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "secret.json"
+    secret_file.write_bytes(dockerconfig("from-file")[".dockerconfigjson"])
+    create_secret(kube_api, "from-api")
+    agent = start_agent(secret_files=(secret_file,))
+    agent.wait_for_passwords("from-api")
+    kube_api.delete_secret(NS, NAME)
+    agent.wait_for_passwords("from-file")
+
+
+def test_stopping_leaves_no_temp_files_and_ends_every_thread(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "pw")
+    agent = start_agent(restart=True)
+    agent.wait_for_passwords("pw")
+    update_secret(kube_api, "pw-2")
+    started = time.monotonic()
+    agent.stop()
+    assert time.monotonic() - started < 4
+    assert node.temp_files() == []
+    assert kube_api.open_watches() == 0
+
+
+def test_a_forbidden_secret_is_counted_and_removes_nothing(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "pw")
+    first = start_agent()
+    first.wait_for_passwords("pw")
+    first.stop()
+    kube_api.fail_next(403, times=None, verb="list")  # RBAC broken, e.g. after a redeploy
+    agent = start_agent()
+    wait_until(
+        lambda: (
+            agent.metric("node_agent_source_errors_total", source=str(SECRET), reason="forbidden")
+            >= 2
+        ),
+        what="forbidden counted",
+    )
+    assert node.passwords() == ("pw", "pw")
+    kube_api.clear_faults()
+    update_secret(kube_api, "pw-2")
+    agent.wait_for_passwords("pw-2")
+
+
+def test_dry_run_reports_differences_and_writes_nothing(node: Node, tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret.json"
+    secret_file.write_bytes(dockerconfig("pw")[".dockerconfigjson"])
+    before = (node.config_toml.read_bytes(), node.config_json.read_bytes())
+    settings = DaemonSettings(
+        node=Settings(
+            secret_files=(secret_file,),
+            containerd_config=node.config_toml,
+            kubelet_config=node.config_json,
+            state_dir=node.state_dir,
+            reload="none",
+            dry_run=True,
+        ),
+        metrics_address="127.0.0.1:0",
+    )
+    report = build_daemon(settings).worker.handle(Batch(frozenset({START})))
+    assert report is not None
+    assert (report.result, dict(report.in_sync)) == (
+        "noop",
+        {"containerd": False, "kubelet": False},
+    )
+    assert (node.config_toml.read_bytes(), node.config_json.read_bytes()) == before
+    assert not node.state_dir.exists()
