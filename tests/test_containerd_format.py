@@ -8,15 +8,25 @@ foreign registry entries; `V3_CONFIG` is the containerd 2.x layout (single-quote
 import re
 import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+import tomlkit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node_agent.credentials import DOCKER_HUB, RegistryAuth
 from node_agent.targets import Entry, FormatError, Skip
-from node_agent.targets.containerd import ContainerdFormat
+from node_agent.targets.containerd import (
+    ContainerdFormat,
+    _basic_string,
+    _configs_in,
+    _edited,
+    _plugin_of,
+    _real_changes,
+    _rotate_in_place,
+)
 
 CONTAINERD = ContainerdFormat()
 CRI = 'plugins."io.containerd.grpc.v1.cri"'
@@ -864,3 +874,306 @@ def test_random_edits_of_odd_layouts_change_only_the_named_entries(
                 model[host] = dict(entry)
         assert CONTAINERD.entries(text) == model
         assert {k: v for k, v in tomllib.loads(text).items() if k != "plugins"} == other
+
+
+# the fast path: a password rotation as a line edit
+
+
+def with_agent_table(text: str) -> str:
+    """`text` after the agent wrote its `reg.example` table (through the general path)."""
+    return CONTAINERD.render(text, {"reg.example": NEW})
+
+
+def slow_render(text: str, updates: Mapping[str, Entry | None]) -> str:
+    """What the general (tomlkit) path renders for `updates`."""
+    data = tomllib.loads(text)
+    plugin = _plugin_of(data)
+    changes = _real_changes(_configs_in(data, plugin), updates)
+    return _edited(text, data, plugin, changes, new_file=False)[0]
+
+
+def changed_lines(before: str, after: str) -> list[tuple[str, str]]:
+    old, new = before.split("\n"), after.split("\n")
+    assert len(old) == len(new)
+    return [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = (REPO_ROOT / "node_agent/demo/node/etc/containerd/config.toml").read_text()
+BENCH_CONFIG = (REPO_ROOT / "bench/containerd-config-150.toml").read_text()
+IMAGE_BUILDER = "registry.internal.example:5000"
+ROTATED = {"username": "robot", "password": "rotated"}
+
+ROTATION_CASES = [
+    (
+        "v2, a hand-written table",
+        V2_CONFIG,
+        {"registry.corp.example": {"username": "corp-robot", "password": "rotated"}},
+    ),
+    ("v2, the agent's table", with_agent_table(V2_CONFIG), {"reg.example": ROTATED}),
+    (
+        "v3, single-quoted values stay single-quoted",
+        with_agent_table(V3_CONFIG),
+        {"reg.example": ROTATED},
+    ),
+    (
+        "v3, a value that cannot be single-quoted becomes a basic string",
+        with_agent_table(V3_CONFIG),
+        {"reg.example": {"username": "robot", "password": "it's"}},
+    ),
+    ("flat file", with_agent_table(FLAT_CONFIG), {"reg.example": ROTATED}),
+    ("CRLF", with_agent_table(V2_CONFIG.replace("\n", "\r\n")), {"reg.example": ROTATED}),
+    (
+        "auth table at the end of the file",
+        APPENDED_AT_THE_END,
+        {"registry.corp.example": {"username": "rotated-robot"}},
+    ),
+    (
+        "quoted keys, spaces inside the header brackets, comments",
+        MINIMAL
+        + toml(
+            "",
+            "  [ plugins . \"io.containerd.grpc.v1.cri\" . registry . configs . 'r' . auth ] #a",
+            '    "username" = "u"',
+            "    'password'='p'   # rotated monthly",
+            "",
+            "[metrics]",
+            '  address = ""',
+        ),
+        {"r": {"username": "u", "password": "q#not-a-comment"}},
+    ),
+    (
+        "comments after values and at the end of the table",
+        MINIMAL
+        + toml(
+            auth_header("r"),
+            'username = "u" # robot account',
+            'password = "p"#no space',
+            "# the next table is not ours",
+            "[x]",
+            'password = "p"',
+        ),
+        {"r": {"username": "u2", "password": "p2"}},
+    ),
+    (
+        "old values with escapes, new values needing them",
+        MINIMAL + toml(auth_header("r"), 'password = "a\\"b\\\\c\\u00e9"'),
+        {"r": {"password": 'new"\\\n\t\x00\x7f\U0001f600'}},
+    ),
+    (
+        "no final newline",
+        MINIMAL + toml(auth_header("r"), 'username = "u"') + 'password = "p"',
+        {"r": {"username": "u", "password": "q"}},
+    ),
+    (
+        "two hosts, every field",
+        with_agent_table(V2_CONFIG),
+        {
+            "reg.example": ROTATED,
+            "registry.corp.example": {"username": "robot-2", "password": "rotated-2"},
+        },
+    ),
+    (
+        "unchanged fields of other types are left alone",
+        MINIMAL + toml(auth_header("r"), 'password = "p"', "x-retries = 3"),
+        {"r": {"password": "q", "x-retries": 3}},
+    ),
+    ("demo config", DEMO_CONFIG, {IMAGE_BUILDER: {"username": "image-builder", "password": "q"}}),
+    ("bench config", BENCH_CONFIG, {IMAGE_BUILDER: {"username": "image-builder", "password": "q"}}),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "updates"), [c[1:] for c in ROTATION_CASES], ids=[c[0] for c in ROTATION_CASES]
+)
+def test_rotation_is_a_line_edit_with_the_same_bytes_as_the_general_path(
+    text: str, updates: Mapping[str, Entry]
+) -> None:
+    fast = _rotate_in_place(text, updates)
+    assert fast is not None, "the fast path declined"
+    assert fast == slow_render(text, updates)
+    assert ContainerdFormat().render(text, updates) == fast
+    changed_fields = sum(
+        value != CONTAINERD.entries(text)[host].get(name)
+        for host, entry in updates.items()
+        for name, value in entry.items()
+    )
+    assert len(changed_lines(text, fast)) == changed_fields
+
+
+STALE_DATA = tomllib.loads(replaced(V2_CONFIG, "oom_score = 0", "oom_score = 1"))
+
+DECLINED_CASES = [
+    (
+        "inline auth table",
+        MINIMAL
+        + toml(f'[{CRI}.registry.configs."r"]', '  auth = { username = "u", password = "p" }'),
+        {"r": {"username": "u", "password": "q"}},
+    ),
+    (
+        "inline configs table",
+        MINIMAL + toml(f"[{CRI}.registry]", '  configs = { "r" = { auth = { auth = "x" } } }'),
+        {"r": {"auth": "y"}},
+    ),
+    (
+        "dotted keys",
+        MINIMAL
+        + toml(f'[{CRI}.registry.configs."r"]', '  auth.username = "u"', '  auth.password = "p"'),
+        {"r": {"username": "u", "password": "q"}},
+    ),
+    (
+        "a field added",
+        V2_CONFIG,
+        {
+            "registry.corp.example": {
+                "username": "corp-robot",
+                "password": "q",
+                "identitytoken": "t",
+            }
+        },
+    ),
+    ("a field removed", V2_CONFIG, {"registry.corp.example": {"password": "q"}}),
+    ("a new host", V2_CONFIG, {"reg.example": NEW}),
+    ("a host removed", V2_CONFIG, {"registry.corp.example": None}),
+    (
+        "a value that is not a string",
+        MINIMAL + toml(auth_header("r"), 'password = "p"', "x-retries = 3"),
+        {"r": {"password": "p", "x-retries": 4}},
+    ),
+    (
+        "a string replaced by another type",
+        MINIMAL + toml(auth_header("r"), 'password = "p"'),
+        {"r": {"password": 4}},
+    ),
+    (
+        "a multi-line string value",
+        MINIMAL + toml(auth_header("r"), 'username = "u"', 'password = """p"""'),
+        {"r": {"username": "u", "password": "q"}},
+    ),
+    (
+        "a multi-line string elsewhere, where a line could look like a header",
+        MINIMAL
+        + toml(
+            'note = """',
+            auth_header("r"),
+            'password = "p"',
+            '"""',
+            auth_header("r"),
+            'password = "p"',
+        ),
+        {"r": {"password": "q"}},
+    ),
+    (
+        "a host key written with escapes",
+        MINIMAL + toml(f'[{CRI}.registry.configs."r\\u0065g".auth]', 'password = "p"'),
+        {"reg": {"password": "q"}},
+    ),
+    (
+        "a sub-table under auth",
+        MINIMAL + toml(auth_header("r"), 'password = "p"', f'[{CRI}.registry.configs."r".auth.x]'),
+        {"r": {"password": "q"}},
+    ),
+    (
+        "the value on a line of its own",
+        MINIMAL + toml(auth_header("r"), "password = [", '"p" ]'),
+        {"r": {"password": "q"}},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "updates"), [c[1:] for c in DECLINED_CASES], ids=[c[0] for c in DECLINED_CASES]
+)
+def test_anything_but_a_simple_rotation_is_left_to_the_general_path(
+    text: str, updates: Mapping[str, Entry | None]
+) -> None:
+    assert _rotate_in_place(text, updates) is None
+    assert ContainerdFormat().render(text, updates) == slow_render(text, updates)
+
+
+def test_a_rotation_that_fails_the_check_is_declined() -> None:
+    # Data of another text: the edit is right on the lines, but not what the data says.
+    updates = {"registry.corp.example": {"username": "corp-robot", "password": "q"}}
+    assert _rotate_in_place(V2_CONFIG, updates, data=STALE_DATA) is None
+    assert _rotate_in_place(V2_CONFIG, updates, data=tomllib.loads(V2_CONFIG)) is not None
+
+
+def test_rotation_declines_files_it_cannot_read() -> None:
+    for text in ["[[[", "version = 1\n", 'version = 2\nplugins = "x"\n']:
+        assert _rotate_in_place(text, {"a": {"username": "x"}}) is None
+
+
+def test_a_file_tomlkit_cannot_load_can_still_be_rotated_not_otherwise_edited() -> None:
+    # tomllib reads the tomlkit #571 shape, and the rotation never needs tomlkit.
+    rotated = CONTAINERD.render(TOMLKIT_571_SHAPE, {"a": {"username": "x"}})
+    assert rotated == replaced(TOMLKIT_571_SHAPE, 'username = "SECRET"', 'username = "x"')
+    with pytest.raises(FormatError, match="tomlkit cannot load"):
+        CONTAINERD.render(TOMLKIT_571_SHAPE, {"a": {"username": "x", "password": "y"}})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_basic_strings_round_trip_through_tomllib(value: str) -> None:
+    assert tomllib.loads(f"v = {_basic_string(value)}\n") == {"v": value}
+    if '"""' not in value:  # tomlkit writes `""\"` there; both are valid
+        assert _basic_string(value) == tomlkit.string(value).as_string()
+
+
+ROTATABLE = {
+    "v2": (with_agent_table(V2_CONFIG), "reg.example"),
+    "v3": (with_agent_table(V3_CONFIG), "reg.example"),
+    "CRLF": (with_agent_table(V2_CONFIG.replace("\n", "\r\n")), "reg.example"),
+    "flat": (with_agent_table(FLAT_CONFIG), "reg.example"),
+    "demo": (DEMO_CONFIG, IMAGE_BUILDER),
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=st.sampled_from(list(ROTATABLE)), username=st.text(), password=st.text())
+def test_random_rotations_change_exactly_the_values(
+    base: str, username: str, password: str
+) -> None:
+    text, host = ROTATABLE[base]
+    updates = {host: {"username": username, "password": password}}
+    fast = _rotate_in_place(text, updates)
+    assert fast is not None
+    expected = tomllib.loads(text)
+    plugin = _plugin_of(expected)
+    expected["plugins"][plugin]["registry"]["configs"][host]["auth"] = updates[host]
+    assert tomllib.loads(fast) == expected == tomllib.loads(slow_render(text, updates))
+    assert len(changed_lines(text, fast)) <= 2
+
+
+# reading a text once per pass
+
+
+def test_entries_hand_out_copies_of_what_they_remember() -> None:
+    text = MINIMAL + toml(auth_header("r"), 'username = "u"', 'mirrors = ["a"]')
+    containerd = ContainerdFormat()
+    containerd.entries(text)["r"]["mirrors"].append("b")
+    containerd.entries(text)["r"]["username"] = "changed"
+    assert containerd.entries(text) == {"r": {"username": "u", "mirrors": ["a"]}}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    base=st.sampled_from(list(ROUND_TRIP_FILES)),
+    steps=st.lists(updates_strategy, min_size=1, max_size=6),
+)
+def test_one_instance_over_many_passes_renders_like_fresh_ones(
+    base: str, steps: list[dict[str, Entry | None]]
+) -> None:
+    shared, text = ContainerdFormat(), ROUND_TRIP_FILES[base]
+    for updates in steps:
+        assert shared.entries(text) == ContainerdFormat().entries(text)
+        rendered = shared.render(text, updates)
+        assert rendered == ContainerdFormat().render(text, updates)
+        text = rendered
+    assert shared.entries(text) == ContainerdFormat().entries(text)
+
+
+def test_unreadable_text_is_refused_every_time() -> None:
+    containerd = ContainerdFormat()
+    for _ in range(2):
+        with pytest.raises(FormatError, match="not valid TOML"):
+            containerd.entries("version = 2\n[a]\nb = SECRET\n")

@@ -22,6 +22,11 @@ untouched parts of the file as they were, plus three things of our own:
   data with exactly the requested `auth` tables changed. Anything else raises FormatError,
   so a tomlkit surprise can never reach the node.
 
+The common change, a password rotation (same hosts, same fields, new string values, in
+`[...auth]` header tables of `key = "string"` lines), skips tomlkit: the value part of those
+lines is rewritten in the text (`_rotate_in_place`), and the result goes through the same
+`tomllib` check. Any other shape, or a check that fails, takes the tomlkit path.
+
 Inline tables on the path (`registry = { ... }`, `configs = { ... }`, `auth = { ... }`) are
 edited by re-rendering that one inline table (it is a single line); dotted keys
 (`auth.username = ...`) are edited in place. No message ever holds a value from the file:
@@ -30,7 +35,9 @@ parser messages can quote the offending text, so only their line and column are 
 
 import re
 import tomllib
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from functools import cached_property
@@ -97,6 +104,7 @@ class ContainerdFormat:
         if new_file_version not in PLUGIN_BY_VERSION:
             raise ValueError("new_file_version must be 2 or 3")
         self.new_file_version = new_file_version
+        self._parsed = _ParsedTexts()
 
     def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
         # containerd prefers username/password, then identitytoken, then `auth` (FACTS 2);
@@ -113,32 +121,26 @@ class ContainerdFormat:
     def entries(self, text: str | None) -> dict[str, dict[str, Any]]:
         if text is None:
             return {}
-        data = _load(text)
+        data = self._read(text)
         configs = _configs_in(data, _plugin_of(data))
-        return {host: dict(config["auth"]) for host, config in configs.items() if "auth" in config}
+        return {
+            host: _detached(config["auth"]) for host, config in configs.items() if "auth" in config
+        }
 
     def render(self, text: str | None, updates: Mapping[str, Entry | None]) -> str:
         if text is not None and not updates:
             return text
         new_file = text is None
         text = f"version = {self.new_file_version}\n" if text is None else text
-        data = _load(text)
+        data = self._read(text)
         plugin = _plugin_of(data)
         changes = _real_changes(_configs_in(data, plugin), updates)
         if not changes:
             return text
-        layout = _Layout.new_file() if new_file else _Layout.of(text)
-        document = _parse_document(text)
-        untouched = document.as_string()
-        editor = _Editor(document, plugin, layout)
-        try:
-            for host, entry in changes.items():
-                editor.apply(host, entry)
-            result = _on_original_lines(text, untouched, editor.result())
-        except TOMLKitError:
-            # tomlkit's messages may quote the value it choked on.
-            raise FormatError("tomlkit could not edit the registry tables; refusing") from None
-        _verify(data, result, plugin, changes)
+        rotated = None if new_file else _rotation(text, data, plugin, changes)
+        result, after = rotated or _edited(text, data, plugin, changes, new_file=new_file)
+        # The next pass starts by reading the file we are about to write.
+        self._parsed.put(result, after)
         return result
 
     def redact(self, text: str) -> str:
@@ -149,6 +151,70 @@ class ContainerdFormat:
                 if key is not None and key.key in CREDENTIAL_FIELDS and _is_value(item):
                     table[key.key] = _string_like(REDACTED, item)
         return _on_original_lines(text, untouched, document.as_string())
+
+    def _read(self, text: str) -> dict[str, Any]:
+        """`_load(text)`, remembered: a pass reads the same text two or three times."""
+        data = self._parsed.get(text)
+        if data is None:
+            data = _load(text)
+            self._parsed.put(text, data)
+        return data
+
+
+class _ParsedTexts:
+    """The last two texts read or rendered, with their tomllib data.
+
+    One reconcile pass calls `entries(text)` then `render(text, ...)`, and the next pass
+    reads the text that render produced and verified. The data is shared, so nothing may
+    mutate it (`entries` hands out copies; `_verify` prunes a copy). An instance serves one
+    target's worker thread; should threads share it anyway, the entries are immutable pairs
+    swapped in as a new tuple, so a race can lose an entry but never return a wrong one.
+    """
+
+    size: Final = 2
+
+    def __init__(self) -> None:
+        self._items: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def get(self, text: str) -> dict[str, Any] | None:
+        # `==` on str checks identity, then length, then compares memory: microseconds.
+        return next((data for known, data in self._items if known == text), None)
+
+    def put(self, text: str, data: dict[str, Any]) -> None:
+        others = tuple(item for item in self._items if item[0] != text)
+        self._items = ((text, data), *others[: self.size - 1])
+
+
+def _detached(auth: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a parsed auth table that callers may mutate without touching the cache
+    (only lists and tables are mutable in tomllib's output)."""
+    return {
+        name: deepcopy(value) if isinstance(value, list | dict) else value
+        for name, value in auth.items()
+    }
+
+
+def _edited(
+    text: str,
+    data: Mapping[str, Any],
+    plugin: str,
+    changes: Mapping[str, Entry | None],
+    *,
+    new_file: bool,
+) -> tuple[str, dict[str, Any]]:
+    """The general edit through tomlkit: the result and its (verified) tomllib data."""
+    layout = _Layout.new_file() if new_file else _Layout.of(text)
+    document = _parse_document(text)
+    untouched = document.as_string()
+    editor = _Editor(document, plugin, layout)
+    try:
+        for host, entry in changes.items():
+            editor.apply(host, entry)
+        result = _on_original_lines(text, untouched, editor.result())
+    except TOMLKitError:
+        # tomlkit's messages may quote the value it choked on.
+        raise FormatError("tomlkit could not edit the registry tables; refusing") from None
+    return result, _verify(data, result, plugin, changes)
 
 
 # Reading (tomllib)
@@ -210,15 +276,32 @@ def _real_changes(
 
 def _verify(
     before: Mapping[str, Any], text: str, plugin: str, changes: Mapping[str, Entry | None]
-) -> None:
+) -> dict[str, Any]:
+    """The tomllib data of the edited `text`, checked to be `before` with exactly `changes`."""
     try:
         after = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError):
         raise FormatError("the edit would not be valid TOML; refusing to write") from None
     expected = _with_changes(before, plugin, changes)
-    _prune_registry_path(after, plugin, changes)
-    if after != expected:
+    if _pruned(after, plugin, changes) != expected:
         raise FormatError("the edit would change more than the registry auth tables; refusing")
+    return after
+
+
+def _pruned(data: Mapping[str, Any], plugin: str, hosts: Iterable[str]) -> dict[str, Any]:
+    """`data` without the empty tables on the registry path. Copied along that path, so
+    `data` itself stays as parsed (it is remembered for the next pass)."""
+    result = dict(data)
+    node = result
+    for name in ("plugins", plugin, "registry", "configs"):
+        child = node.get(name)
+        if not isinstance(child, dict):
+            break
+        copy = dict(child)
+        node[name] = copy
+        node = copy
+    _prune_registry_path(result, plugin, hosts)
+    return result
 
 
 def _with_changes(
@@ -258,6 +341,166 @@ def _prune_registry_path(data: dict[str, Any], plugin: str, hosts: Iterable[str]
     for parent, name in reversed(list(zip(chain[:-1], names, strict=False))):
         if parent[name] == {}:
             del parent[name]
+
+
+# The fast path: a rotation as a line edit
+
+# A key as the fast path reads it: bare, or quoted without escapes (anything else: declined).
+_KEY_TEXT: Final = r"""[A-Za-z0-9_-]+|"[^"\\\x00-\x1f\x7f]*"|'[^'\x00-\x08\x0a-\x1f\x7f]*'"""
+_KEY: Final = re.compile(_KEY_TEXT)
+#: A `[table]` header (not `[[array]]`) spelled with such keys, with an optional comment.
+_TABLE_HEADER: Final = re.compile(
+    rf"[ \t]*\[(?!\[)[ \t]*(?P<keys>(?:{_KEY_TEXT})(?:[ \t]*\.[ \t]*(?:{_KEY_TEXT}))*)"
+    r"[ \t]*\][ \t]*(?:#.*)?\r?"
+)
+#: Where a table starts: any line opening with `[`. Headers the regex above cannot read
+#: still end the table before them.
+_TABLE_START: Final = re.compile(r"[ \t]*\[")
+#: `key = "basic string"` or `key = 'literal string'`, an optional comment, the line's end.
+_STRING_FIELD: Final = re.compile(
+    rf"[ \t]*(?P<key>{_KEY_TEXT})[ \t]*=[ \t]*"
+    r"""(?P<value>"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*"|'[^'\x00-\x08\x0a-\x1f\x7f]*')"""
+    r"[ \t]*(?:#.*)?\r?"
+)
+# Inside a multi-line string, a line only looks like a header or a field: files with
+# multi-line strings are left to tomlkit.
+_MULTI_LINE_STRING: Final = re.compile(r"""\"\"\"|'''""")
+# Lone surrogates cannot be written as UTF-8; the general path deals with them as before.
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_BASIC_STRING_ESCAPES: Final = {
+    **{code: f"\\u{code:04x}" for code in (*range(0x20), 0x7F)},
+    **{ord(c): f"\\{short}" for c, short in zip('\b\t\n\f\r"\\', 'btnfr"\\', strict=True)},
+}
+
+
+def _basic_string(value: str) -> str:
+    """`value` as a TOML basic string, escaped as tomlkit escapes it (short forms where
+    TOML has them, `\\uXXXX` for the other control characters)."""
+    return '"' + value.translate(_BASIC_STRING_ESCAPES) + '"'
+
+
+def _rotate_in_place(
+    text: str, changes: Mapping[str, Entry | None], *, data: Mapping[str, Any] | None = None
+) -> str | None:
+    """`text` with `changes` made by rewriting values on their lines, verified like every
+    edit; None when the changes or the layout are not a simple rotation, or the check
+    fails. `data`: `text` already parsed by tomllib."""
+    try:
+        data = _load(text) if data is None else data
+        plugin = _plugin_of(data)
+    except FormatError:
+        return None
+    rotated = _rotation(text, data, plugin, changes)
+    return None if rotated is None else rotated[0]
+
+
+def _rotation(
+    text: str, data: Mapping[str, Any], plugin: str, changes: Mapping[str, Entry | None]
+) -> tuple[str, dict[str, Any]] | None:
+    """`_rotate_in_place` on parsed text: the result and its verified tomllib data."""
+    values = _rotated_values(data, plugin, changes)
+    if values is None or _MULTI_LINE_STRING.search(text):
+        return None
+    lines = text.split("\n")  # not splitlines(): that also splits at \x0c, \u2028, ...
+    tables = _HeaderIndex.of(lines)
+    for host, fields in values.items():
+        body = tables.body_of(("plugins", plugin, "registry", "configs", host, "auth"))
+        if body is None or not _rewrite_values(lines, body, fields):
+            return None
+    result = "\n".join(lines)
+    try:
+        return result, _verify(data, result, plugin, changes)
+    except FormatError:
+        return None
+
+
+def _rotated_values(
+    data: Mapping[str, Any], plugin: str, changes: Mapping[str, Entry | None]
+) -> dict[str, dict[str, str]] | None:
+    """The new string values by host and field, when `changes` only replaces string values
+    of existing fields (same hosts, same fields); else None."""
+    try:
+        configs = _configs_in(data, plugin)
+    except FormatError:
+        return None
+    values: dict[str, dict[str, str]] = {}
+    for host, entry in changes.items():
+        old = configs.get(host, {}).get("auth")
+        if entry is None or old is None or set(entry) != set(old):
+            return None
+        changed = {name: value for name, value in entry.items() if value != old[name]}
+        if not all(
+            isinstance(value, str) and isinstance(old[name], str) and not _SURROGATE.search(value)
+            for name, value in changed.items()
+        ):
+            return None
+        if changed:
+            values[host] = changed
+    return values
+
+
+@dataclass(frozen=True)
+class _HeaderIndex:
+    """Where the tables of a text start, and the headers the fast path can read."""
+
+    #: Indexes of the lines that open a table, ascending.
+    starts: list[int]
+    #: Each readable header's key path → the indexes of its lines.
+    headers: dict[tuple[str, ...], list[int]]
+    line_count: int
+
+    @classmethod
+    def of(cls, lines: Sequence[str]) -> "_HeaderIndex":
+        starts: list[int] = []
+        headers: dict[tuple[str, ...], list[int]] = {}
+        for index, line in enumerate(lines):
+            if not _TABLE_START.match(line):
+                continue
+            starts.append(index)
+            if header := _TABLE_HEADER.fullmatch(line):
+                path = tuple(_key_name(key) for key in _KEY.findall(header["keys"]))
+                headers.setdefault(path, []).append(index)
+        return cls(starts, headers, len(lines))
+
+    def body_of(self, path: tuple[str, ...]) -> range | None:
+        """The lines below the header of table `path` up to the next table, if exactly one
+        header names it."""
+        found = self.headers.get(path, [])
+        if len(found) != 1:
+            return None
+        following = bisect_right(self.starts, found[0])
+        end = self.starts[following] if following < len(self.starts) else self.line_count
+        return range(found[0] + 1, end)
+
+
+def _key_name(key: str) -> str:
+    return key[1:-1] if key[0] in "\"'" else key
+
+
+def _rewrite_values(lines: list[str], body: range, values: Mapping[str, str]) -> bool:
+    """Put `values` on their `key = "string"` lines in `body`; False (and nothing changed)
+    unless each field is on exactly one such line."""
+    found: dict[str, tuple[int, re.Match[str]]] = {}
+    for index in body:
+        field_line = _STRING_FIELD.fullmatch(lines[index])
+        if field_line is None or (name := _key_name(field_line["key"])) not in values:
+            continue
+        if name in found:
+            return False
+        found[name] = (index, field_line)
+    if found.keys() != values.keys():
+        return False
+    for name, (index, field_line) in found.items():
+        value = _string_text(values[name], like=field_line["value"])
+        line = lines[index]
+        lines[index] = line[: field_line.start("value")] + value + line[field_line.end("value") :]
+    return True
+
+
+def _string_text(value: str, *, like: str) -> str:
+    """`value` as a TOML string, single-quoted like the old value where it can be (as
+    `_string_like` decides on the general path)."""
+    return f"'{value}'" if like.startswith("'") and _literal_safe(value) else _basic_string(value)
 
 
 # The tomlkit document
