@@ -2,9 +2,12 @@
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from campaign import CAMPAIGN_PROPERTY, campaign_table
 from kubeapi import KubeApiServer
+from leak_audit import LeakAudit, start_audit
 
 
 @pytest.fixture
@@ -17,3 +20,38 @@ def kube_api(tmp_path: Path) -> Iterator[KubeApiServer]:
     with KubeApiServer(kubeconfig_path=tmp_path / "kubeconfig", bookmark_interval=0.1) as server:
         yield server
     assert server.unexpected_errors == []
+
+
+@pytest.fixture
+def leak_audit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LeakAudit]:
+    """The credential leak audit (tests/leak_audit.py). Feed the agent the canary credential
+    (`CANARY_USERNAME` / `CANARY_PASSWORD`), declare where it may be (`allow` for sources,
+    `guard_node` for node files and the state dir), read output through `read_output()`.
+
+    At teardown the test fails if the canary is found in a log record, stdout/stderr, an
+    error message, a metrics registry, an Event or any other file under tmp_path, or if a
+    node file holding it, the state dir or `owned.json` is not private. Campaign modules make
+    it autouse; any module can request it.
+    """
+    audit = start_audit(request, tmp_path)
+    yield audit
+    audit.finish()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The campaign figures (RELIABILITY.md) of the tests that recorded them with
+    `record_campaign`, as a table at the end of the run."""
+    # Figures recorded by a fixture reach only the teardown report: take each test's last.
+    by_test: dict[str, list[Any]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            recorded = [
+                v for k, v in getattr(report, "user_properties", []) if k == CAMPAIGN_PROPERTY
+            ]
+            if len(recorded) > len(by_test.get(report.nodeid, [])):
+                by_test[report.nodeid] = recorded
+    rows = [row for test_rows in by_test.values() for row in test_rows]
+    if rows:
+        terminalreporter.write_sep("=", "reliability campaigns")
+        for line in campaign_table(rows):
+            terminalreporter.write_line(line)
