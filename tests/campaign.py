@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from node_agent.cli import main
 
@@ -52,6 +53,17 @@ def campaign_size(*, quick: int, full: int) -> int:
 
 def is_full_scale() -> bool:
     return os.environ.get(SCALE_ENV, "quick").strip().lower() == "full"
+
+
+def fuzz_settings(*, quick: int, full: int) -> settings:
+    """hypothesis settings of a fuzz campaign: reproducible at the reduced size, random at
+    full size."""
+    return settings(
+        max_examples=campaign_size(quick=quick, full=full),
+        deadline=None,
+        derandomize=not is_full_scale(),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def campaign_seed() -> int:

@@ -36,12 +36,11 @@ from campaign import (
     Tally,
     basic_auth,
     campaign,
-    campaign_size,
-    is_full_scale,
+    fuzz_settings,
     run_cli,
     run_cli_process,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from leak_audit import CANARY_PASSWORD, CANARY_USERNAME, LeakAudit
 from toml_layouts import CRI_BY_VERSION, Table, containerd_data, hosts, toml_documents
@@ -51,15 +50,6 @@ CANARY = {"username": CANARY_USERNAME, "password": CANARY_PASSWORD}
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_fuzz_node_files.py"
 
 pytestmark = pytest.mark.usefixtures("leak_audit")
-
-
-def fuzz_settings(*, quick: int, full: int) -> settings:
-    return settings(
-        max_examples=campaign_size(quick=quick, full=full),
-        deadline=None,
-        derandomize=not is_full_scale(),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 @dataclass(repr=False)

@@ -37,12 +37,12 @@ from campaign import (
     NodeTree,
     Tally,
     campaign,
-    campaign_size,
+    fuzz_settings,
     is_full_scale,
     run_cli,
     run_cli_process,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from leak_audit import CANARY_PASSWORD, CANARY_TOKEN, CANARY_USERNAME, LeakAudit
 
@@ -52,15 +52,6 @@ KUBELET_HUB_KEY = "https://index.docker.io/v1/"
 HOST_KEY = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9*]([a-z0-9*._-]*[a-z0-9*])?)(:[0-9]{1,5})?")
 
 pytestmark = pytest.mark.usefixtures("leak_audit")
-
-
-def fuzz_settings(*, quick: int, full: int) -> settings:
-    return settings(
-        max_examples=campaign_size(quick=quick, full=full),
-        deadline=None,
-        derandomize=not is_full_scale(),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 @dataclass(repr=False)
