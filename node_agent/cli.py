@@ -22,15 +22,19 @@ from node_agent.settings import (
     RELOAD_MODES,
     TARGET_NAMES,
     DaemonSettings,
+    RestartCoordination,
     Settings,
 )
 
 ENV_PREFIX = "NODE_AGENT_"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_MAX_RESTART_CONCURRENCY = 1000
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # A namespace and a Secret name: DNS-1123 labels / subdomains.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SECRET_REF = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)/([a-z0-9]([-a-z0-9.]*[a-z0-9])?)$")
 
 
@@ -240,6 +244,60 @@ def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
     )
     flags.parser.add_argument("--no-events", dest="events", action="store_false")
     flags.add("--once", action="store_true", help="one pass, then exit (for debugging)")
+    _add_restart_flags(flags, environ)
+
+
+def _add_restart_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
+    flags.add(
+        "--restart-concurrency",
+        type=parse_count,
+        default=RestartCoordination().concurrency,
+        metavar="N",
+        help="at most N nodes restart containerd at once, through Leases "
+        "node-agent-restart-<i>; 0: no coordination (default 1)",
+    )
+    durations = (
+        ("--restart-lease-ttl", "60s", "a slot Lease unchanged this long is free again"),
+        (
+            "--restart-max-wait",
+            "30m",
+            "restart without a slot after the API was unreachable this long",
+        ),
+        ("--restart-settle", "5s", "keep the slot this long after a healthy restart"),
+    )
+    for flag, default, help_text in durations:
+        flags.add(
+            flag,
+            type=parse_duration,
+            default=parse_duration(default),
+            metavar="DURATION",
+            help=f"{help_text} (default {default})",
+        )
+    flags.add(
+        "--restart-lease-namespace",
+        default=_own_namespace(environ),
+        metavar="NAMESPACE",
+        help="namespace of the slot Leases (default: the ServiceAccount's namespace, "
+        "else env POD_NAMESPACE)",
+    )
+
+
+def parse_count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > _MAX_RESTART_CONCURRENCY:
+        raise argparse.ArgumentTypeError(
+            f"--restart-concurrency takes a whole number from 0 to {_MAX_RESTART_CONCURRENCY}: "
+            f"{text!r}"
+        )
+    return int(text)
+
+
+def _own_namespace(environ: Mapping[str, str]) -> str | None:
+    """The agent's namespace: the ServiceAccount mount, else `POD_NAMESPACE`."""
+    try:
+        namespace = SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip()
+    except OSError:
+        namespace = ""
+    return namespace or environ.get("POD_NAMESPACE") or None
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -312,7 +370,7 @@ def daemon_settings_from(args: argparse.Namespace) -> DaemonSettings:
     if events and not args.node_name:
         raise ValueError("Events need --node-name (or NODE_NAME); or turn them off: --no-events")
     _check_listen_address(args.metrics_address)
-    return DaemonSettings(
+    settings = DaemonSettings(
         node=node,
         secrets=secrets,
         fallback_secrets=fallback_secrets,
@@ -325,7 +383,40 @@ def daemon_settings_from(args: argparse.Namespace) -> DaemonSettings:
         metrics_address=args.metrics_address,
         events=events,
         once=args.once,
+        restarts=_restart_coordination(args),
     )
+    if settings.coordinates_restarts:
+        _check_restart_coordination(settings)
+    return settings
+
+
+def _restart_coordination(args: argparse.Namespace) -> RestartCoordination:
+    if args.restart_max_wait <= 0:
+        raise ValueError("--restart-max-wait must be more than 0s")
+    return RestartCoordination(
+        concurrency=args.restart_concurrency,
+        lease_ttl=args.restart_lease_ttl,
+        max_wait=args.restart_max_wait,
+        settle=args.restart_settle,
+        lease_namespace=args.restart_lease_namespace,
+    )
+
+
+def _check_restart_coordination(settings: DaemonSettings) -> None:
+    restarts = settings.restarts
+    problem = restarts.lease_ttl_problem(settings.node.reload_timeout)
+    if problem is not None:
+        raise ValueError(problem)
+    if not settings.node_name:
+        raise ValueError(
+            "restart slots need this node's name: --node-name (or NODE_NAME); "
+            "or --restart-concurrency 0 to restart without coordination"
+        )
+    if not restarts.lease_namespace or not _DNS_LABEL.match(restarts.lease_namespace):
+        raise ValueError(
+            "restart slots need a namespace for their Leases: --restart-lease-namespace "
+            "(or POD_NAMESPACE); or --restart-concurrency 0 to restart without coordination"
+        )
 
 
 def _check_listen_address(address: str) -> None:

@@ -69,6 +69,42 @@ class Settings:
         return self.host_root / node_path.relative_to(node_path.anchor)
 
 
+LEASE_TTL_MARGIN = 5.0
+"""Seconds a restart slot's Lease must outlast `--reload-timeout` (API latency, renewal)."""
+
+
+@dataclass(frozen=True)
+class RestartCoordination:
+    """How the nodes of a cluster take turns restarting containerd: at most `concurrency` at
+    once, each holding one of the Leases `node-agent-restart-<i>` in `lease_namespace`."""
+
+    concurrency: int = 1
+    """Slots (Leases); 0 turns coordination off (every node restarts when it needs to)."""
+
+    lease_ttl: float = 60.0
+    """`leaseDurationSeconds`: a slot whose Lease stays unchanged this long is free."""
+
+    max_wait: float = 1800.0
+    """Restart without a slot once the API has been unreachable this long (fail open)."""
+
+    settle: float = 5.0
+    """Seconds to keep the slot after a healthy restart, before the next node may go."""
+
+    lease_namespace: str | None = None
+    """Where the slot Leases live; None: not known (required when coordinating)."""
+
+    def lease_ttl_problem(self, reload_timeout: float) -> str | None:
+        """Why `lease_ttl` is too short for a restart and its CRI health check, or None."""
+        minimum = reload_timeout + LEASE_TTL_MARGIN
+        if self.lease_ttl < minimum:
+            return (
+                f"--restart-lease-ttl ({self.lease_ttl:g}s) must be at least --reload-timeout "
+                f"({reload_timeout:g}s) + {LEASE_TTL_MARGIN:g}s, so that a slot held through "
+                "a restart and its health check never expires"
+            )
+        return None
+
+
 @dataclass(frozen=True)
 class DaemonSettings:
     """What `node-agent run` needs on top of one reconcile's `Settings`."""
@@ -113,7 +149,25 @@ class DaemonSettings:
     once: bool = False
     """Read every source once, run one pass, exit (for debugging)."""
 
+    restarts: RestartCoordination = field(default_factory=RestartCoordination)
+    """Fleet-wide pacing of containerd restarts through Lease slots."""
+
+    @property
+    def coordinates_restarts(self) -> bool:
+        """Whether containerd restarts wait for a Lease slot: the daemon restarts containerd,
+        and coordination is not off. (`--once`, for debugging one node, never waits.)"""
+        node = self.node
+        return (
+            self.restarts.concurrency > 0
+            and node.reload != "none"
+            and "containerd" in node.targets
+            and not node.dry_run
+            and not self.once
+        )
+
     @property
     def uses_api(self) -> bool:
-        """Whether the Kubernetes API is needed at all (API sources or Events)."""
-        return bool(self.secrets or self.fallback_secrets or self.events)
+        """Whether the Kubernetes API is needed at all (API sources, Events, Lease slots)."""
+        return bool(
+            self.secrets or self.fallback_secrets or self.events or self.coordinates_restarts
+        )

@@ -51,3 +51,21 @@ class WatchExpired(NodeAgentError):
     def __init__(self, source: str, problem: str) -> None:
         self.source = source
         super().__init__(f"{source}: {problem}")
+
+
+class ApiConflict(NodeAgentError):
+    """409: a create found the name taken (`already_exists`), or an update carried a
+    resourceVersion someone else has changed since. Routine for optimistic concurrency."""
+
+    def __init__(self, ref: str, problem: str, *, already_exists: bool) -> None:
+        self.ref = ref
+        self.already_exists = already_exists
+        super().__init__(f"{ref}: {problem}")
+
+
+class ObjectMissing(NodeAgentError):
+    """404 on an update: the object was deleted (by an operator, say) since it was read."""
+
+    def __init__(self, ref: str, problem: str) -> None:
+        self.ref = ref
+        super().__init__(f"{ref}: {problem}")

@@ -91,3 +91,33 @@ class EventApi(Protocol):
         self, ref: ObjectRef, patch: Mapping[str, Any], *, request_timeout: RequestTimeout
     ) -> Mapping[str, Any] | None:
         """The patched object, or None when it does not exist (any more)."""
+
+
+class LeaseApi(Protocol):
+    """What the restart slots need from the API: coordination.k8s.io/v1 Leases in one
+    namespace, raw JSON in and out. Failures raise `node_agent.kube.errors` types: a 409
+    `ApiConflict`, a 404 on replace `ObjectMissing`, the rest like the Secret calls."""
+
+    def list_leases(self, namespace: str, *, request_timeout: RequestTimeout) -> ObjectList: ...
+
+    def watch_leases(
+        self,
+        namespace: str,
+        *,
+        resource_version: str,
+        timeout_seconds: int,
+        request_timeout: RequestTimeout,
+    ) -> EventStream: ...
+
+    def create_lease(
+        self, namespace: str, lease: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> Mapping[str, Any]:
+        """The created Lease; `ApiConflict(already_exists=True)` if the name is taken."""
+        ...
+
+    def replace_lease(
+        self, ref: ObjectRef, lease: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> Mapping[str, Any]:
+        """PUT `lease`, which carries the `metadata.resourceVersion` it was read at: the
+        stored Lease, or `ApiConflict` when someone changed it since."""
+        ...
