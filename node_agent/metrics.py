@@ -81,6 +81,12 @@ class AgentMetrics:
             ["source"],
             registry=self.registry,
         )
+        self.restart_pending = Gauge(
+            "node_agent_restart_pending",
+            "1 while containerd's new config waits for a restart slot (a Lease "
+            "node-agent-restart-<i>), else 0. config.json is already updated then.",
+            registry=self.registry,
+        )
         self._initialise_label_sets()
 
     def _initialise_label_sets(self) -> None:

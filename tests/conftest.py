@@ -15,11 +15,13 @@ def kube_api(tmp_path: Path) -> Iterator[KubeApiServer]:
     """A test Kubernetes API server on 127.0.0.1 (tests/kubeapi.py), with short bookmarks.
 
     `kube_api.kubeconfig_path` points the real `kubernetes` client at it. The test fails if
-    the server itself hit an unexpected error.
+    the server itself hit an unexpected error, or if the restart-slot audit recorded a
+    violation the test did not clear (`kube_api.violations()`, `clear_violations()`).
     """
     with KubeApiServer(kubeconfig_path=tmp_path / "kubeconfig", bookmark_interval=0.1) as server:
         yield server
     assert server.unexpected_errors == []
+    assert server.violations() == [], "restart-slot audit: Leases were used unsafely"
 
 
 @pytest.fixture

@@ -13,13 +13,30 @@ What it models, because node-agent's correctness depends on it:
   token is answered with a plain HTTP 410.
 - Watches with `resourceVersion`, `timeoutSeconds` (clean end of the chunked stream),
   `allowWatchBookmarks` (a BOOKMARK every `bookmark_interval` seconds) and `fieldSelector`.
-- Generic kinds (`Kind`): core/v1 secrets and events are registered; `register_kind(LEASES)`
-  adds coordination.k8s.io/v1 leases. PUT with a stale `metadata.resourceVersion` answers
-  409 Conflict, so optimistic concurrency can be tested.
+- Generic kinds (`Kind`): core/v1 secrets and events and coordination.k8s.io/v1 leases are
+  registered (`register_kind` adds more). Optimistic concurrency like etcd's: a create of an
+  existing name answers 409 reason AlreadyExists, a create carrying a resourceVersion 500, a
+  PUT with a stale `metadata.resourceVersion` 409 reason Conflict, a PUT without one
+  overwrites unconditionally (allowed for every kind served here, Leases included).
+- Lease decoding and validation where an agent's mistake would be refused by a real cluster:
+  `acquireTime`/`renewTime` must be MicroTime (`2006-01-02T15:04:05.000000Z07:00`: exactly six
+  fraction digits) and `leaseDurationSeconds`/`leaseTransitions` JSON integers (else 400);
+  `leaseDurationSeconds` > 0 and `leaseTransitions` >= 0 (else 422).
+
+The restart-slot audit (`RestartSlotAudit`, `slot_audit`): every stored change of a Lease named
+`node-agent-restart-*` lands in a timeline (`slot_timeline()`: server monotonic time, name, old
+and new holder, acquire/renew/release/takeover/free/delete) and is checked: one holder never
+holds two slots; a holder changes from A to B only after the Lease stayed unchanged for its
+`leaseDurationSeconds` on the server's clock (`clock=`, injectable); optionally at most
+`max_holders` slots held per namespace. Any Lease updated without a resourceVersion or patched
+is recorded too. Violations never change an answer; `violations()` lists them and the
+`kube_api` fixture fails the test that leaves any (`clear_violations()` after asserting on
+them). `leases()`, `lease()`, `release_lease()` (an operator freeing a slot), `delete_lease()`.
 
 What it does not model: list `resourceVersion`/`resourceVersionMatch` semantics (a list always
 reads the latest state), consistent snapshots across `continue` pages, label selectors
-(ignored), admission and validation beyond what the agent needs.
+(ignored), who sent a request (one token for every client), admission and validation beyond
+what the agent needs.
 
 Faults, for tests of the agent's robustness: `fail_next` (answer the next N requests with a
 status), `drop_watches` (abrupt TCP close of every open watch), `stall_watches` (keep the
@@ -33,6 +50,7 @@ import base64
 import copy
 import functools
 import json
+import re
 import secrets as token_generator
 import select
 import socket
@@ -162,16 +180,32 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+Validator = Callable[[Kind, JsonObject], None]
+"""Checks an object about to be stored; raises ApiError (400, 422) to refuse it."""
+
+ChangeObserver = Callable[[Kind, str, str, JsonObject | None, JsonObject | None], None]
+"""Told of every stored change: kind, namespace, name, old object (None: created), new object
+(None: deleted). Called under the store's lock, after the change got its resourceVersion."""
+
+
 class ObjectStore:
     """Objects of every kind, one resourceVersion counter, a bounded change history."""
 
-    def __init__(self, *, history_limit: int) -> None:
+    def __init__(
+        self,
+        *,
+        history_limit: int,
+        validate: Validator | None = None,
+        on_change: ChangeObserver | None = None,
+    ) -> None:
         self.changed = threading.Condition()
         self._objects: dict[tuple[str, str, str], JsonObject] = {}
         self._history: deque[_Change] = deque()
         self._history_limit = history_limit
         self._revision = 0
         self._compacted_revision = 0
+        self._validate = validate
+        self._on_change = on_change
 
     @property
     def revision(self) -> int:
@@ -198,6 +232,9 @@ class ObjectStore:
         name = metadata.get("name")
         if not name:
             raise ApiError(422, f"{kind.kind} is invalid: metadata.name: Required value")
+        if metadata.get("resourceVersion"):
+            # etcd3 store: a plain error, so the API server answers 500 InternalError.
+            raise ApiError(500, "resourceVersion should not be set on objects to be created")
         with self.changed:
             if (kind.plural, namespace, name) in self._objects:
                 raise ApiError(
@@ -239,7 +276,10 @@ class ObjectStore:
         with self.changed:
             obj = self._require(kind, namespace, name)
             del self._objects[(kind.plural, namespace, name)]
-            return self._record(kind, namespace, copy.deepcopy(obj), "DELETED")
+            deleted = self._record(kind, namespace, copy.deepcopy(obj), "DELETED")
+            if self._on_change is not None:
+                self._on_change(kind, namespace, name, copy.deepcopy(obj), None)
+            return deleted
 
     def compact(self) -> int:
         """Forget every change so far: a watch from an older resourceVersion now gets 410."""
@@ -281,8 +321,14 @@ class ObjectStore:
     def _commit(
         self, kind: Kind, namespace: str, name: str, obj: JsonObject, event_type: str
     ) -> JsonObject:
+        if self._validate is not None:
+            self._validate(kind, obj)
+        old = self._objects.get((kind.plural, namespace, name))
         self._objects[(kind.plural, namespace, name)] = obj
-        return self._record(kind, namespace, obj, event_type)
+        stored = self._record(kind, namespace, obj, event_type)
+        if self._on_change is not None:
+            self._on_change(kind, namespace, name, copy.deepcopy(old), copy.deepcopy(stored))
+        return stored
 
     def _record(self, kind: Kind, namespace: str, obj: JsonObject, event_type: str) -> JsonObject:
         self._revision += 1
@@ -355,6 +401,194 @@ def json_patch(target: JsonObject, operations: list[JsonObject]) -> JsonObject:
     return target
 
 
+# --- Leases and the restart-slot audit ----------------------------------------------------
+
+RESTART_SLOT_PREFIX = "node-agent-restart-"
+"""Leases named like this are node-agent's restart slots, which the audit watches."""
+
+# metav1.MicroTime is parsed with Go's layout "2006-01-02T15:04:05.000000Z07:00": exactly six
+# fraction digits, then Z or an offset. Anything else fails JSON decoding: 400.
+_MICRO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})")
+_MICRO_TIME_LAYOUT = "2006-01-02T15:04:05.000000Z07:00"
+
+
+def validate_lease(kind: Kind, obj: JsonObject) -> None:
+    """The API server's decoding and validation of a Lease's spec, as far as the agent's
+    mistakes could reach: MicroTime layout, integer fields, positive durations."""
+    if kind != LEASES:
+        return
+    spec = obj.get("spec") or {}
+    undecodable = 'Lease in version "v1" cannot be handled as a Lease: '
+    if not isinstance(spec, dict):
+        raise ApiError(400, undecodable + "json: cannot unmarshal into Go struct field Lease.spec")
+    for field in ("acquireTime", "renewTime"):
+        value = spec.get(field)
+        if value is not None and not (isinstance(value, str) and _MICRO_TIME.fullmatch(value)):
+            raise ApiError(400, undecodable + f'parsing time "{value}" as "{_MICRO_TIME_LAYOUT}"')
+    holder = spec.get("holderIdentity")
+    if holder is not None and not isinstance(holder, str):
+        raise ApiError(400, undecodable + "json: cannot unmarshal holderIdentity into string")
+    name = obj.get("metadata", {}).get("name")
+    for field, minimum in (("leaseDurationSeconds", 1), ("leaseTransitions", 0)):
+        value = spec.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ApiError(
+                400,
+                undecodable + f"json: cannot unmarshal {json.dumps(value)} into Go struct field "
+                f"LeaseSpec.spec.{field} of type int32",
+            )
+        if value < minimum:
+            bound = "greater than 0" if minimum == 1 else "greater than or equal to 0"
+            raise ApiError(
+                422,
+                f'Lease.coordination.k8s.io "{name}" is invalid: spec.{field}: Invalid value: '
+                f"{value}: must be {bound}",
+            )
+
+
+def holder_of(lease: JsonObject | None) -> str:
+    """`spec.holderIdentity`, "" when the Lease is free (or absent)."""
+    spec = (lease or {}).get("spec")
+    holder = spec.get("holderIdentity") if isinstance(spec, dict) else None
+    return holder if isinstance(holder, str) else ""
+
+
+@dataclass(frozen=True)
+class SlotChange:
+    """One stored change of a restart-slot Lease, on the server's monotonic clock."""
+
+    at: float
+    namespace: str
+    name: str
+    old_holder: str
+    """"" when the slot was free or did not exist."""
+    new_holder: str
+    """"" when the slot is now free or deleted."""
+    kind: str
+    """acquire | renew | release | takeover | free (changed while free) | delete"""
+    resource_version: str
+    """Of the change (for a deletion: of the deletion)."""
+
+
+class RestartSlotAudit:
+    """Checks every stored change of a Lease named `node-agent-restart-*` against the rules
+    of fleet-safe restarts, and records what the agent must never do with Leases at all.
+
+    A violation is recorded, never answered: the server still answers as the real one would,
+    so the agent's behaviour stays what it would be in a cluster. Violation texts:
+
+    - `{holder} holds two restart slots at once: {ns}/{held} and {ns}/{name}`
+    - `{ns}/{name} taken from {old} by {new} while still renewed: last changed {age:.3f}s ago,
+      leaseDurationSeconds {ttl}` (or `..., without leaseDurationSeconds`)
+    - `{count} restart slots held at once in {ns}, more than max_holders {max}: {holders}`
+    - `update of lease {ns}/{name} without metadata.resourceVersion (unconditional)`
+    - `patch of lease {ns}/{name} ({content type}): Leases change only by updates carrying the
+      resourceVersion read`
+    """
+
+    def __init__(self, *, clock: Callable[[], float], max_holders: int | None = None) -> None:
+        self.clock = clock
+        self.max_holders = max_holders
+        """When set: at most this many restart slots held at once per namespace."""
+        self._lock = threading.Lock()
+        self._holders: dict[tuple[str, str], str] = {}
+        self._changed_at: dict[tuple[str, str], float] = {}
+        self._timeline: list[SlotChange] = []
+        self._violations: list[str] = []
+
+    def violation(self, text: str) -> None:
+        with self._lock:
+            self._violations.append(text)
+
+    def violations(self) -> list[str]:
+        with self._lock:
+            return list(self._violations)
+
+    def clear_violations(self) -> None:
+        with self._lock:
+            self._violations.clear()
+
+    def timeline(self, namespace: str | None = None) -> list[SlotChange]:
+        with self._lock:
+            return [c for c in self._timeline if namespace in (None, c.namespace)]
+
+    def observe(
+        self, kind: Kind, namespace: str, name: str, old: JsonObject | None, new: JsonObject | None
+    ) -> None:
+        """The store's change observer (called under the store's lock, so changes arrive in
+        resourceVersion order)."""
+        if kind != LEASES or not name.startswith(RESTART_SLOT_PREFIX):
+            return
+        now = self.clock()
+        key = (namespace, name)
+        old_holder, new_holder = holder_of(old), holder_of(new)
+        change_kind = _slot_change_kind(old_holder, new_holder, deleted=new is None)
+        with self._lock:
+            if change_kind == "takeover":
+                self._check_expired(namespace, name, old, old_holder, new_holder, now)
+            if change_kind in ("acquire", "takeover"):
+                self._check_one_slot_per_holder(namespace, name, new_holder)
+            if new_holder:
+                self._holders[key] = new_holder
+            else:
+                self._holders.pop(key, None)
+            if change_kind == "acquire":
+                self._check_max_holders(namespace)
+            self._changed_at[key] = now
+            version = str(((new or old or {}).get("metadata") or {}).get("resourceVersion", ""))
+            self._timeline.append(
+                SlotChange(now, namespace, name, old_holder, new_holder, change_kind, version)
+            )
+
+    def _check_expired(
+        self,
+        namespace: str,
+        name: str,
+        old: JsonObject | None,
+        old_holder: str,
+        new_holder: str,
+        now: float,
+    ) -> None:
+        age = now - self._changed_at.get((namespace, name), now)
+        ttl = ((old or {}).get("spec") or {}).get("leaseDurationSeconds")
+        prefix = f"{namespace}/{name} taken from {old_holder} by {new_holder} while still renewed"
+        if not isinstance(ttl, int):
+            self._violations.append(
+                f"{prefix}: last changed {age:.3f}s ago, without leaseDurationSeconds"
+            )
+        elif age < ttl:
+            self._violations.append(
+                f"{prefix}: last changed {age:.3f}s ago, leaseDurationSeconds {ttl}"
+            )
+
+    def _check_one_slot_per_holder(self, namespace: str, name: str, holder: str) -> None:
+        for (ns, held), other in sorted(self._holders.items()):
+            if ns == namespace and held != name and other == holder:
+                self._violations.append(
+                    f"{holder} holds two restart slots at once: {ns}/{held} and {ns}/{name}"
+                )
+
+    def _check_max_holders(self, namespace: str) -> None:
+        held = sorted(h for (ns, _), h in self._holders.items() if ns == namespace)
+        if self.max_holders is not None and len(held) > self.max_holders:
+            self._violations.append(
+                f"{len(held)} restart slots held at once in {namespace}, more than "
+                f"max_holders {self.max_holders}: {', '.join(held)}"
+            )
+
+
+def _slot_change_kind(old_holder: str, new_holder: str, *, deleted: bool) -> str:
+    if deleted:
+        return "delete"
+    if not old_holder:
+        return "acquire" if new_holder else "free"
+    if not new_holder:
+        return "release"
+    return "renew" if new_holder == old_holder else "takeover"
+
+
 # --- HTTP -----------------------------------------------------------------------------
 
 
@@ -425,7 +659,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(
                     404, f"the server could not find the requested resource ({url.path})"
                 )
-            api._inject_fault(verb)
+            api._inject_fault(verb, route.kind)
             self._serve(verb, route, query, body)
         except ApiError as error:
             self._answer_error(error, verb=verb)
@@ -454,9 +688,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(201, api.store.create(route.kind, route.namespace, _json(body)))
         elif verb == "update":
             assert route.namespace is not None and route.name is not None
-            obj = api.store.replace(route.kind, route.namespace, route.name, _json(body))
-            self._answer(200, obj)
+            obj = _json(body)
+            if route.kind == LEASES and not (obj.get("metadata") or {}).get("resourceVersion"):
+                # Leases allow unconditional updates (as the real server does): answered, and
+                # recorded, because one can overwrite another node's renewal or takeover.
+                api.slot_audit.violation(
+                    f"update of lease {route.namespace}/{route.name} without "
+                    "metadata.resourceVersion (unconditional)"
+                )
+            self._answer(200, api.store.replace(route.kind, route.namespace, route.name, obj))
         elif verb == "patch":
+            if route.kind == LEASES:
+                content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
+                api.slot_audit.violation(
+                    f"patch of lease {route.namespace}/{route.name} ({content_type}): Leases "
+                    "change only by updates carrying the resourceVersion read"
+                )
             self._answer(200, self._patch(route, body))
         elif verb == "delete":
             assert route.namespace is not None and route.name is not None
@@ -644,8 +891,15 @@ class KubeApiServer:
         bookmark_interval: float = 0.2,
         default_watch_timeout: float = 60.0,
         history_limit: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+        max_holders: int | None = None,
     ) -> None:
-        self.store = ObjectStore(history_limit=history_limit)
+        self.slot_audit = RestartSlotAudit(clock=clock, max_holders=max_holders)
+        self.store = ObjectStore(
+            history_limit=history_limit,
+            validate=validate_lease,
+            on_change=self.slot_audit.observe,
+        )
         self.kubeconfig_path = kubeconfig_path
         self.bookmark_interval = bookmark_interval
         self.default_watch_timeout = default_watch_timeout
@@ -661,7 +915,7 @@ class KubeApiServer:
         self._handler_threads: set[threading.Thread] = set()
         self._http: _HttpServer | None = None
         self._serve_thread: threading.Thread | None = None
-        for kind in (SECRETS, EVENTS):
+        for kind in (SECRETS, EVENTS, LEASES):
             self.register_kind(kind)
 
     # lifecycle
@@ -789,6 +1043,48 @@ class KubeApiServer:
         items.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
         return [e for e in items if reason in (None, e.get("reason"))]
 
+    def leases(self, namespace: str) -> list[JsonObject]:
+        """The Leases of `namespace`, by name."""
+        items, _ = self.store.items(LEASES, namespace)
+        return items
+
+    def lease(self, namespace: str, name: str) -> JsonObject | None:
+        """One Lease, or None when there is none of that name."""
+        try:
+            return self.store.get(LEASES, namespace, name)
+        except ApiError:
+            return None
+
+    def release_lease(self, namespace: str, name: str) -> str:
+        """What an operator does to free a stuck slot: clear `spec.holderIdentity` (an update
+        at the current resourceVersion). Returns the new resourceVersion."""
+
+        def change(obj: JsonObject) -> JsonObject:
+            obj.setdefault("spec", {}).pop("holderIdentity", None)
+            return obj
+
+        return str(
+            self.store.update(LEASES, namespace, name, change)["metadata"]["resourceVersion"]
+        )
+
+    def delete_lease(self, namespace: str, name: str) -> str:
+        """Delete a Lease; returns the resourceVersion of the deletion."""
+        return str(self.store.delete(LEASES, namespace, name)["metadata"]["resourceVersion"])
+
+    # the restart-slot audit, for tests (see RestartSlotAudit)
+
+    def violations(self) -> list[str]:
+        """What the agent did wrong with Leases, oldest first (the kube_api fixture fails a test
+        that leaves any)."""
+        return self.slot_audit.violations()
+
+    def clear_violations(self) -> None:
+        self.slot_audit.clear_violations()
+
+    def slot_timeline(self, namespace: str | None = None) -> list[SlotChange]:
+        """Every change of a restart slot, oldest first."""
+        return self.slot_audit.timeline(namespace)
+
     # faults, for tests
 
     def fail_next(self, code: int, *, times: int | None = 1, verb: str | None = None) -> None:
@@ -854,7 +1150,7 @@ class KubeApiServer:
         with self._lock:
             self._log.append(request)
 
-    def _inject_fault(self, verb: str) -> None:
+    def _inject_fault(self, verb: str, kind: Kind) -> None:
         with self._lock:
             fault = next((f for f in self._faults if f.verb in (None, verb)), None)
             if fault is None:
@@ -863,7 +1159,7 @@ class KubeApiServer:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)
-        raise ApiError(fault.code, _fault_message(fault.code, verb))
+        raise ApiError(fault.code, _fault_message(fault.code, verb, kind))
 
     def _find_route(self, path: str) -> _Route | None:
         """`/api/v1[/namespaces/NS]/PLURAL[/NAME]` or `/apis/GROUP/VERSION/...`; None: unknown."""
@@ -958,10 +1254,11 @@ def _continue_position(token: str | None, store: ObjectStore) -> str:
     return start
 
 
-def _fault_message(code: int, verb: str) -> str:
+def _fault_message(code: int, verb: str, kind: Kind) -> str:
     if code == 403:
         return (
-            f'secrets is forbidden: User "{USER}" cannot {verb} resource "secrets" in API group ""'
+            f'{kind.plural} is forbidden: User "{USER}" cannot {verb} resource "{kind.plural}" '
+            f'in API group "{kind.group}"'
         )
     if code == 410:
         return "too old resource version (injected)"

@@ -27,7 +27,7 @@ POD_MONITOR = MONITORING / "podmonitor.yaml"
 UNIT_TESTS = MONITORING / "tests" / "alerts.test.yaml"
 RULES_NAME = "node-agent.rules.yaml"  # the rule file the unit tests load (`rule_files`)
 
-# What issue 3 asks alerts for, and the alerts that answer it.
+# What issues 3 and 6 ask alerts for, and the alerts that answer them.
 ALERTS_FOR = {
     "drift being repaired repeatedly": {"NodeAgentDriftRepairedRepeatedly"},
     "a node not in sync for 10 minutes": {"NodeAgentNotInSync"},
@@ -40,6 +40,11 @@ ALERTS_FOR = {
     "a credentials source the agent cannot use": {
         "NodeAgentSourceRejected",
         "NodeAgentApiUnreachable",
+    },
+    # issue 6
+    "a containerd restart rollout stuck waiting for restart slots": {
+        "NodeAgentRestartRolloutStuck",
+        "NodeAgentRestartWaitingLong",
     },
 }
 

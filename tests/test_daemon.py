@@ -33,9 +33,11 @@ from node_agent.daemon.work_queue import Batch
 from node_agent.daemon.worker import RESYNC, START, WorkerTiming
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import WatchSettings
-from node_agent.settings import DaemonSettings, Settings
+from node_agent.restart_slots.coordinator import SlotTiming
+from node_agent.settings import DaemonSettings, RestartCoordination, Settings
 
 NS = "kube-system"
+FAST_SLOTS = SlotTiming(start_jitter=0.0, retry_initial=0.05, retry_max=0.2, renew_retry=0.1)
 NAME = "registry-credentials"
 SECRET = ObjectRef(NS, NAME)
 REGISTRY = "reg.example:5000"
@@ -269,11 +271,16 @@ def start_agent(
             node_name=NODE_NAME,
             metrics_address="127.0.0.1:0",
             events=bool(secrets),
+            # One node: its restarts take the one slot at once (tests/test_restart_slots.py
+            # and tests/test_daemon_restart_slots.py are about sharing).
+            restarts=RestartCoordination(lease_namespace=NS, lease_ttl=10.0, settle=0.0),
         )
         timing = WorkerTiming(
             resync_interval=resync_interval, heartbeat=1.0, retry_initial=0.05, retry_max=0.2
         )
-        daemon = build_daemon(settings, watch_settings=FAST_WATCH, timing=timing)
+        daemon = build_daemon(
+            settings, watch_settings=FAST_WATCH, timing=timing, slot_timing=FAST_SLOTS
+        )
         agent = Agent(daemon, node, kube_api)
         running.append(agent)
         daemon.start()

@@ -23,7 +23,7 @@ from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
 from node_agent.ownership import StateStore
 from node_agent.reconcile import NodeFile, Reconciler
-from node_agent.settings import DaemonSettings
+from node_agent.settings import DaemonSettings, RestartCoordination
 from node_agent.targets.kubelet import KubeletFormat
 
 SECRET = ObjectRef("kube-system", "registry-credentials")
@@ -322,13 +322,14 @@ def test_readiness(
 
 
 def parse_run(*args: str, env: dict[str, str] | None = None) -> DaemonSettings:
-    return daemon_settings_from(build_parser(env or {}).parse_args(["run", *args]))
+    environ = {"POD_NAMESPACE": "node-agent", **(env or {})}
+    return daemon_settings_from(build_parser(environ).parse_args(["run", *args]))
 
 
 def test_run_flags_and_defaults() -> None:
     settings = parse_run("--secret", "kube-system/creds", "--node-name", "n1", "--reload", "none")
     assert settings == daemon_settings_from(
-        build_parser({}).parse_args(
+        build_parser({"POD_NAMESPACE": "node-agent"}).parse_args(
             [
                 "run",
                 "--secret=kube-system/creds",
@@ -351,11 +352,13 @@ def test_events_default_to_on_with_api_sources_and_need_a_node_name(tmp_path: Pa
     assert parse_run("--secret", "ns/creds", env={"NODE_NAME": "n1"}).node_name == "n1"
     env = {"NODE_NAME": "n1", "NODE_AGENT_NODE_NAME": "n2"}
     assert parse_run("--secret", "ns/creds", env=env).node_name == "n2"
-    assert parse_run("--secret", "ns/creds", "--no-events").events is False
-    assert parse_run("--secret", "ns/creds", "--events", "false").events is False
-    file_only = parse_run("--secret-file", str(tmp_path / "s.json"))
+    # Without Events and restart slots, no node name is needed.
+    alone = ("--restart-concurrency", "0")
+    assert parse_run("--secret", "ns/creds", "--no-events", *alone).events is False
+    assert parse_run("--secret", "ns/creds", "--events", "false", *alone).events is False
+    file_only = parse_run("--secret-file", str(tmp_path / "s.json"), *alone)
     assert file_only.events is False
-    with_env = parse_run("--secret", "ns/c", env={"NODE_AGENT_EVENTS": "false"})
+    with_env = parse_run("--secret", "ns/c", *alone, env={"NODE_AGENT_EVENTS": "false"})
     assert with_env.events is False
 
 
@@ -375,6 +378,84 @@ def test_unusable_run_flags_exit_2(
 ) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["run", *args], environ={})
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_restart_coordination_flags_and_defaults() -> None:
+    settings = parse_run("--secret", "ns/creds", "--node-name", "n1")
+    assert settings.coordinates_restarts
+    assert settings.restarts == RestartCoordination(
+        concurrency=1, lease_ttl=60.0, max_wait=1800.0, settle=5.0, lease_namespace="node-agent"
+    )
+    tuned = parse_run(
+        "--secret=ns/creds",
+        "--node-name=n1",
+        "--restart-concurrency=5",
+        "--restart-lease-ttl=2m",
+        "--restart-max-wait=1h",
+        "--restart-settle=0s",
+        "--restart-lease-namespace=ops",
+    )
+    assert tuned.restarts == RestartCoordination(
+        concurrency=5, lease_ttl=120.0, max_wait=3600.0, settle=0.0, lease_namespace="ops"
+    )
+    from_env = parse_run(
+        "--secret=ns/creds", env={"NODE_NAME": "n1", "NODE_AGENT_RESTART_CONCURRENCY": "3"}
+    )
+    assert from_env.restarts.concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "coordinates"),
+    [
+        ((), True),
+        (("--restart-concurrency", "0"), False),
+        (("--reload", "none"), False),
+        (("--targets", "kubelet"), False),
+        (("--dry-run",), False),
+        (("--once",), False),
+    ],
+)
+def test_restarts_are_coordinated_only_when_the_daemon_restarts_containerd(
+    args: tuple[str, ...], coordinates: bool
+) -> None:
+    settings = parse_run("--secret", "ns/creds", "--node-name", "n1", *args)
+    assert settings.coordinates_restarts is coordinates
+    assert settings.uses_api
+
+
+def test_restart_slots_need_a_node_name_and_a_lease_namespace(tmp_path: Path) -> None:
+    secret_file = str(tmp_path / "s.json")
+    with pytest.raises(ValueError, match="restart slots need this node's name"):
+        parse_run("--secret-file", secret_file)
+    with pytest.raises(ValueError, match="--restart-lease-namespace"):
+        daemon_settings_from(
+            build_parser({"NODE_NAME": "n1"}).parse_args(["run", "--secret-file", secret_file])
+        )
+    uncoordinated = parse_run("--secret-file", secret_file, "--restart-concurrency", "0")
+    assert not uncoordinated.uses_api
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--restart-lease-ttl", "20s"), "--restart-lease-ttl (20s) must be at least"),
+        (("--reload-timeout", "60s"), "--reload-timeout (60s) + 5s"),
+        (("--restart-concurrency", "-1"), "--restart-concurrency takes a whole number"),
+        (("--restart-concurrency", "two"), "--restart-concurrency takes a whole number"),
+        (("--restart-max-wait", "0s"), "--restart-max-wait must be more than 0s"),
+        (("--restart-lease-namespace", "Not_A_Namespace"), "--restart-lease-namespace"),
+    ],
+)
+def test_unusable_restart_flags_exit_2(
+    args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(
+            ["run", "--secret", "ns/creds", *args],
+            environ={"NODE_NAME": "n1", "POD_NAMESPACE": "x"},
+        )
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
 

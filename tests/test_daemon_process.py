@@ -86,7 +86,10 @@ def test_sigterm_during_a_pass_finishes_it_and_exits_0_within_5s_leaving_no_temp
     assert kube_api.kubeconfig_path is not None
     restarts = tmp_path / "restarts.log"
     script = tmp_path / "restart.sh"
-    script.write_text(f"#!/bin/sh\nsleep 1\necho done >> {restarts}\n")
+    started_log = tmp_path / "started.log"
+    script.write_text(
+        f"#!/bin/sh\necho started >> {started_log}\nsleep 1\necho done >> {restarts}\n"
+    )
     kube_api.create_secret(NS, NAME, dockerconfig("Pa55-before"), type=DOCKERCONFIG)
     command = agent_command(
         node,
@@ -104,14 +107,17 @@ def test_sigterm_during_a_pass_finishes_it_and_exits_0_within_5s_leaving_no_temp
         cri_socket,
         "--min-reload-interval",
         "0s",
+        "--restart-lease-namespace",
+        NS,
+        "--restart-settle",
+        "0s",
     )
     agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(restarts.exists)  # the first pass is done
         kube_api.update_secret(NS, NAME, dockerconfig("Pa55-rotated"))
-        wait_until(
-            lambda: "cHVsbGVyOlBhNTUtcm90YXRlZA==" in kubelet_text(node)
-        )  # restart under way
+        wait_until(lambda: "cHVsbGVyOlBhNTUtcm90YXRlZA==" in kubelet_text(node))
+        wait_until(lambda: started_log.read_text().split() == ["started", "started"])
         started = time.monotonic()
         agent.send_signal(signal.SIGTERM)
         _, stderr = agent.communicate(timeout=10)

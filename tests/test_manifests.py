@@ -1,7 +1,8 @@
-"""The cluster install: daemonset/ (kustomize base), rbac/, the monitoring component, the
-example Secret and the Dockerfile, checked against what really consumes them — Kubernetes'
-OpenAPI schemas (offline), kustomize, the agent's own flag parser, the kernel's permission
-checks, and hadolint. The alert rules have their own module, test_alerts.py.
+"""The cluster install: daemonset/ (kustomize base), rbac/, the monitoring and pre-created
+restart-slot components, the example Secret and the Dockerfile, checked against what really
+consumes them — Kubernetes' OpenAPI schemas (offline), kustomize, the agent's own flag parser,
+the kernel's permission checks, and hadolint. The alert rules have their own module,
+test_alerts.py.
 """
 
 import os
@@ -22,15 +23,18 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from node_agent import cli
 from node_agent.cli import build_parser, daemon_settings_from
 from node_agent.credentials import parse_secret_manifest
 from node_agent.kube.model import ObjectRef
+from node_agent.restart_slots.leases import slot_name
 from node_agent.settings import DaemonSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "daemonset"
 RBAC = REPO / "rbac"
 MONITORING = BASE / "monitoring"
+SLOT_LEASES = BASE / "restart-slot-leases"  # component: pre-created slots, narrower Role
 EXAMPLES = BASE / "examples"
 EXAMPLE_SECRET = EXAMPLES / "registry-credentials.yaml"
 PROMTOOL_TESTS = MONITORING / "tests" / "alerts.test.yaml"
@@ -93,9 +97,12 @@ def load(path: Path) -> list[Manifest]:
 
 BASE_FILES = kustomization_resources(BASE)
 MONITORING_FILES = kustomization_resources(MONITORING)
+SLOT_LEASE_FILES = kustomization_resources(SLOT_LEASES)
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 BASE_MANIFESTS = [m for path in BASE_FILES for m in load(path)]
-ALL_MANIFESTS = [m for path in BASE_FILES + MONITORING_FILES + EXAMPLE_FILES for m in load(path)]
+SLOT_LEASE_MANIFESTS = [m for path in SLOT_LEASE_FILES for m in load(path)]
+OPTIONAL_FILES = MONITORING_FILES + SLOT_LEASE_FILES + EXAMPLE_FILES
+ALL_MANIFESTS = [m for path in BASE_FILES + OPTIONAL_FILES for m in load(path)]
 BUILT_IN = [m for m in ALL_MANIFESTS if m.kind not in CUSTOM_KINDS]
 
 
@@ -145,21 +152,33 @@ def project_version() -> str:
 # --------------------------------------------------------------------------- the agent's view
 
 
-def downward_api_environment(container: Mapping[str, Any]) -> dict[str, str]:
-    """The container's environment as the kubelet would set it on a node called `node-1`."""
+def downward_api_environment(container: Mapping[str, Any], *, namespace: str) -> dict[str, str]:
+    """The container's environment as the kubelet would set it on a node called `node-1`, for
+    a pod in `namespace`."""
+    fields = {"spec.nodeName": "node-1", "metadata.namespace": namespace}
     environ: dict[str, str] = {}
     for variable in container.get("env", []):
         if "value" in variable:
             environ[variable["name"]] = variable["value"]
-        elif variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
-            environ[variable["name"]] = "node-1"
+        else:
+            field_path = variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+            if field_path in fields:
+                environ[variable["name"]] = fields[field_path]
     return environ
+
+
+@pytest.fixture(autouse=True)
+def no_service_account_mount(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The agent's own namespace comes from the ServiceAccount mount first, POD_NAMESPACE
+    second: hide this machine's mount (a CI pod has one) so only the DaemonSet's env counts."""
+    monkeypatch.setattr(cli, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "no-service-account")
 
 
 def agent_settings() -> DaemonSettings:
     """The DaemonSet's args, parsed and checked by the agent's own parser."""
     container = agent_container()
-    parser = build_parser(downward_api_environment(container))
+    namespace = daemonset()["metadata"]["namespace"]
+    parser = build_parser(downward_api_environment(container, namespace=namespace))
     try:
         args = parser.parse_args(container["args"])
     except SystemExit:
@@ -205,7 +224,8 @@ def test_every_yaml_file_is_a_kustomization_a_listed_manifest_an_example_or_the_
 ):
     on_disk = {p for d in (BASE, RBAC) for p in d.rglob("*") if p.suffix in {".yaml", ".yml"}}
     kustomizations = {p for p in on_disk if p.name == "kustomization.yaml"}
-    known = kustomizations | set(BASE_FILES) | set(MONITORING_FILES) | set(EXAMPLE_FILES)
+    known = kustomizations | set(BASE_FILES) | set(MONITORING_FILES) | set(SLOT_LEASE_FILES)
+    known |= set(EXAMPLE_FILES)
     assert on_disk == known | {PROMTOOL_TESTS}
 
 
@@ -254,6 +274,11 @@ def identities(bodies: Sequence[Mapping[str, Any]]) -> set[tuple[str, str | None
 def test_kustomize_renders_the_base_with_the_rbac_and_the_project_version_as_image_tag() -> None:
     rendered = kustomize(BASE)
     assert identities(rendered) == identities([m.body for m in BASE_MANIFESTS])
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert {name for k, _, name in identities(rendered) if k == kind} == {
+            m.name for path in kustomization_resources(RBAC) for m in load(path) if m.kind == kind
+        }, f"rbac/kustomization.yaml does not list every {kind} in rbac/"
+    assert ("Role", "node-agent", "node-agent-restart-slots") in identities(rendered)
     (rendered_daemonset,) = (body for body in rendered if body["kind"] == "DaemonSet")
     (container,) = rendered_daemonset["spec"]["template"]["spec"]["containers"]
     assert container["image"] == f"node-agent:{project_version()}"
@@ -328,7 +353,16 @@ def agent_permissions() -> set[tuple[str | None, str, str, tuple[str, ...], str]
     }
 
 
-def test_the_agent_may_read_one_named_secret_and_write_events_in_default_and_nothing_else() -> None:
+LEASES = "coordination.k8s.io"
+# The restart slots (rbac/restart-slots.yaml): list + watch to find a free slot and wait for
+# one, create a missing slot, update to take, renew and release one; get for `kubectl auth
+# can-i`. No patch (no resourceVersion check), no delete.
+LEASE_VERBS = ("get", "list", "watch", "create", "update")
+
+
+def test_the_agent_may_read_one_secret_write_events_and_take_restart_slots_and_nothing_else() -> (
+    None
+):
     secret = ("registry-credentials",)
     assert agent_permissions() == {
         ("node-agent", "", "secrets", secret, "get"),
@@ -336,7 +370,24 @@ def test_the_agent_may_read_one_named_secret_and_write_events_in_default_and_not
         ("node-agent", "", "secrets", secret, "watch"),
         ("default", "", "events", (), "create"),
         ("default", "", "events", (), "patch"),
+        *(("node-agent", LEASES, "leases", (), verb) for verb in LEASE_VERBS),
     }
+
+
+def test_leases_are_granted_only_in_the_namespace_the_agent_puts_its_restart_slots_in() -> None:
+    settings = agent_settings()
+    assert settings.coordinates_restarts
+    granted = {
+        (namespace, verb)
+        for namespace, group, resource, _, verb in agent_permissions()
+        if resource == "leases"
+    }
+    assert granted == {(settings.restarts.lease_namespace, verb) for verb in LEASE_VERBS}
+    for role in objects("Role"):
+        for rule in role["rules"]:
+            if "leases" in rule.get("resources", []):
+                assert rule["apiGroups"] == [LEASES], role["metadata"]["name"]
+                assert not {"patch", "delete", "deletecollection"} & set(rule["verbs"])
 
 
 RULE_LISTS = ("verbs", "resources", "apiGroups", "resourceNames", "nonResourceURLs")
@@ -371,7 +422,16 @@ def test_the_bindings_name_the_service_account_the_daemonset_runs_as() -> None:
     assert (daemonset()["metadata"]["namespace"], pod_spec()["serviceAccountName"]) == (
         AGENT_ACCOUNT
     )
-    assert len(roles_bound_to_the_agent()) == len(objects("RoleBinding")) == 2
+    assert len(roles_bound_to_the_agent()) == len(objects("RoleBinding")) == 3
+
+
+def test_every_binding_grants_its_role_to_the_agents_service_account_alone() -> None:
+    for binding in objects("RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["roleRef"]["name"] == binding["metadata"]["name"]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": AGENT_ACCOUNT[1], "namespace": AGENT_ACCOUNT[0]}
+        ], binding["metadata"]["name"]
 
 
 def test_the_secret_named_in_the_role_the_daemonset_args_and_the_example_is_one_and_the_same() -> (
@@ -416,6 +476,19 @@ def test_the_node_name_comes_from_the_downward_api() -> None:
     assert variable["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
+def test_the_daemonset_coordinates_restarts_with_leases_in_its_own_namespace() -> None:
+    # Coordination needs the node's name and a lease namespace; in the pod the namespace comes
+    # from the ServiceAccount mount, else POD_NAMESPACE (the fixture hides any mount here).
+    (variable,) = (v for v in agent_container()["env"] if v["name"] == "POD_NAMESPACE")
+    assert variable["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    settings = agent_settings()
+    assert settings.coordinates_restarts
+    assert settings.restarts.concurrency == 1
+    assert settings.restarts.lease_namespace == daemonset()["metadata"]["namespace"]
+    assert settings.node_name == "node-1"
+    assert settings.restarts.lease_ttl_problem(settings.node.reload_timeout) is None
+
+
 def test_metrics_and_probes_use_the_port_the_agent_listens_on() -> None:
     container = agent_container()
     listen_port = int(agent_settings().metrics_address.rpartition(":")[2])
@@ -428,6 +501,69 @@ def test_metrics_and_probes_use_the_port_the_agent_listens_on() -> None:
     assert endpoint["port"] == "metrics"
     pod_labels = daemonset()["spec"]["template"]["metadata"]["labels"]
     assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+# --------------------------------------------------------------------------- pre-created slots
+
+
+def slot_names(settings: DaemonSettings) -> set[str]:
+    return {slot_name(index) for index in range(settings.restarts.concurrency)}
+
+
+def kustomize_base_with(tmp_path: Path, component: Path) -> list[dict[str, Any]]:
+    """The base plus `component`, rendered through an overlay (as README tells operators)."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(BASE, overlay)],
+        "components": [os.path.relpath(component, overlay)],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(overlay)
+
+
+def test_the_pre_created_leases_are_the_daemonsets_free_slots_in_the_lease_namespace() -> None:
+    settings = agent_settings()
+    leases = [m for m in SLOT_LEASE_MANIFESTS if m.kind == "Lease"]
+    assert len(leases) == len(SLOT_LEASE_MANIFESTS)
+    assert {(m.namespace, m.name) for m in leases} == {
+        (settings.restarts.lease_namespace, name) for name in slot_names(settings)
+    }
+    for lease in leases:
+        assert not lease.body["spec"].get("holderIdentity"), f"{lease.label}: must start free"
+
+
+def test_with_pre_created_slots_the_agent_may_create_no_lease_and_change_only_the_slots(
+    tmp_path: Path,
+) -> None:
+    rendered = kustomize_base_with(tmp_path, SLOT_LEASES)
+    assert identities(rendered) == identities(
+        [m.body for m in BASE_MANIFESTS + SLOT_LEASE_MANIFESTS]
+    )
+    for body in rendered:
+        kubernetes_validate.validate(body, KUBERNETES_VERSIONS[-1], strict=True)
+    (role,) = (
+        body
+        for body in rendered
+        if body["kind"] == "Role" and body["metadata"]["name"] == "node-agent-restart-slots"
+    )
+    granted = {
+        (group, resource, tuple(sorted(rule.get("resourceNames", ()))), verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    slots = tuple(sorted(slot_names(agent_settings())))
+    assert granted == {
+        (LEASES, "leases", (), "list"),
+        (LEASES, "leases", (), "watch"),
+        (LEASES, "leases", slots, "get"),
+        (LEASES, "leases", slots, "update"),
+    }
+    assert role["metadata"]["namespace"] == agent_settings().restarts.lease_namespace
 
 
 # --------------------------------------------------------------------------- mounts

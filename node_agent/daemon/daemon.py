@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from node_agent.daemon.file_watch import (
@@ -25,13 +25,21 @@ from node_agent.daemon.file_watch import (
     interest_in_source,
 )
 from node_agent.daemon.report import DaemonReporter, EventSink, Readiness
+from node_agent.daemon.slot_report import SlotEvents
 from node_agent.daemon.sources import CredentialSources
 from node_agent.daemon.targets import NodeTargets, build_targets
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
-from node_agent.daemon.worker import START, WORKER_LOOP, PassReport, Worker, WorkerTiming
+from node_agent.daemon.worker import (
+    RESTART_ALLOWED,
+    START,
+    WORKER_LOOP,
+    PassReport,
+    Worker,
+    WorkerTiming,
+)
 from node_agent.errors import NodeAgentError
 from node_agent.kube.errors import ErrorReason
-from node_agent.kube.model import ObjectRef, SecretApi
+from node_agent.kube.model import LeaseApi, ObjectRef, SecretApi
 from node_agent.kube.secret_watch import (
     RestartCause,
     SecretSnapshot,
@@ -40,6 +48,7 @@ from node_agent.kube.secret_watch import (
     secret_content,
 )
 from node_agent.metrics import AgentMetrics
+from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotTiming
 from node_agent.settings import DaemonSettings
 from node_agent.status_server import Health, StatusServer
 
@@ -49,13 +58,14 @@ STOP_BUDGET_SECONDS = 4.0
 """SIGTERM to exit: the issue allows 5 s; the rest is interpreter shutdown."""
 
 _FILE_WATCH_LOOP = "file-watch"
+_SLOTS_LOOP = "restart-slots"
 
 
 class StartupFailed(NodeAgentError):
     """The daemon could not start (port taken, API client configuration unusable)."""
 
 
-class ApiClient(SecretApi, Protocol):
+class ApiClient(SecretApi, LeaseApi, Protocol):
     """The Kubernetes API as the daemon uses it (`node_agent.kube.client.KubeApi`)."""
 
     def close(self) -> None: ...
@@ -72,6 +82,7 @@ class DaemonParts:
     status: StatusServer | None
     watch_settings: WatchSettings
     timing: WorkerTiming
+    slot_timing: SlotTiming = field(default_factory=SlotTiming)
     clock: Callable[[], float] = time.monotonic
 
 
@@ -113,6 +124,7 @@ class Daemon:
             metrics=parts.metrics, events=parts.events, readiness=readiness
         )
         self.file_watch = DirectoryWatch(self._interests())
+        self.slots = self._restart_slots()
         self.worker = Worker(
             queue=self.queue,
             sources=self.sources,
@@ -121,6 +133,7 @@ class Daemon:
             readiness=readiness,
             health=_Beats(parts.health, self._other_loops),
             timing=parts.timing,
+            slot=self.slots,
             dry_run=node.dry_run,
             clock=parts.clock,
         )
@@ -150,6 +163,8 @@ class Daemon:
         for loop in self._other_loops():
             health.register_loop(loop)
         self.file_watch.start()
+        if self.slots is not None:
+            self.slots.start()
         for thread in self._threads:
             thread.start()
 
@@ -164,6 +179,9 @@ class Daemon:
         for thread in started:
             thread.join(_left(deadline))
         stopped = not any(thread.is_alive() for thread in started)
+        if self.slots is not None:
+            # After the worker: the pass in progress may still restart under the slot.
+            stopped = self.slots.stop(timeout=_left(deadline)) and stopped
         if self.parts.status is not None:
             self.parts.status.stop()
         self._close_api(deadline)
@@ -183,6 +201,32 @@ class Daemon:
     @property
     def status_port(self) -> int | None:
         return None if self.parts.status is None else self.parts.status.port
+
+    def _restart_slots(self) -> RestartSlots | None:
+        settings = self.settings
+        if not settings.coordinates_restarts or self.targets.restarts is None:
+            return None
+        restarts = settings.restarts
+        if self.parts.api is None or not settings.node_name or not restarts.lease_namespace:
+            raise StartupFailed(
+                "restart slots need the Kubernetes API, --node-name and "
+                "--restart-lease-namespace; or --restart-concurrency 0"
+            )
+        config = SlotConfig(
+            node=settings.node_name,
+            namespace=restarts.lease_namespace,
+            concurrency=restarts.concurrency,
+            lease_ttl=restarts.lease_ttl,
+            max_wait=restarts.max_wait,
+            settle=restarts.settle,
+        )
+        return RestartSlots(
+            api=self.parts.api,
+            config=config,
+            reporter=SlotEvents(metrics=self.parts.metrics, events=self.parts.events),
+            on_granted=functools.partial(self.queue.request, RESTART_ALLOWED),
+            timing=self.parts.slot_timing,
+        )
 
     # sources → queue
 
@@ -242,6 +286,8 @@ class Daemon:
 
     def _other_loops(self) -> dict[str, Callable[[], bool]]:
         loops = {name: thread.is_alive for name, thread in self._watch_threads.items()}
+        if self.slots is not None:
+            loops[_SLOTS_LOOP] = self.slots.is_alive
         return {_FILE_WATCH_LOOP: self.file_watch.is_alive, **loops}
 
     def _close_api(self, deadline: float) -> None:

@@ -14,6 +14,7 @@ from node_agent.daemon.report import EventSink, NoEvents
 from node_agent.daemon.worker import WorkerTiming
 from node_agent.kube.secret_watch import WatchSettings
 from node_agent.metrics import AgentMetrics
+from node_agent.restart_slots.coordinator import SlotTiming
 from node_agent.settings import DaemonSettings
 from node_agent.status_server import Health, StatusServer
 
@@ -33,6 +34,7 @@ def build_daemon(
     *,
     watch_settings: WatchSettings | None = None,
     timing: WorkerTiming | None = None,
+    slot_timing: SlotTiming | None = None,
     environ: Mapping[str, str] = os.environ,
     clock: Callable[[], float] = time.monotonic,
 ) -> Daemon:
@@ -52,6 +54,7 @@ def build_daemon(
         status=None if settings.once else _status_server(settings, metrics, health),
         watch_settings=watch_settings or WatchSettings(),
         timing=timing or WorkerTiming(resync_interval=settings.resync_interval),
+        slot_timing=slot_timing or SlotTiming(),
         clock=clock,
     )
     daemon = Daemon(settings, parts)
@@ -106,7 +109,19 @@ def effective_configuration(settings: DaemonSettings) -> dict[str, str]:
         "metrics_address": "-" if settings.once else settings.metrics_address,
         "dry_run": str(node.dry_run).lower(),
         "once": str(settings.once).lower(),
+        "restart_slots": _restart_slots_text(settings),
     }
+
+
+def _restart_slots_text(settings: DaemonSettings) -> str:
+    restarts = settings.restarts
+    if not settings.coordinates_restarts:
+        return "off"
+    return (
+        f"{restarts.concurrency} (leases {restarts.lease_namespace}/node-agent-restart-*, "
+        f"ttl {restarts.lease_ttl:g}s, max wait {restarts.max_wait:g}s, "
+        f"settle {restarts.settle:g}s)"
+    )
 
 
 def log_configuration(settings: DaemonSettings) -> None:

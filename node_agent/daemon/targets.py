@@ -29,6 +29,11 @@ class RestartControl:
     containerd_only: Reconciler
     """containerd's file alone, for inspection while the gate is closed."""
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The targets whose change needs a containerd restart."""
+        return tuple(node_file.name for node_file in self.containerd_only.node_files)
+
 
 @dataclass(frozen=True)
 class NodeTargets:

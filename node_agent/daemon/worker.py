@@ -7,8 +7,10 @@ A pass: re-read the file sources, merge every source's last good credentials, th
   exactly as the last pass left them (the echo of our own write);
 - count a no-op without reading any file format, if that last pass left everything in sync
   (a resync that finds nothing, the usual case);
-- otherwise reconcile: with every file when a containerd restart is allowed, else with the
-  files that need no restart, and schedule one more pass for when the restart is allowed.
+- otherwise reconcile: with every file when a containerd restart is allowed (the restart
+  interval has passed and, with restart slots, this node holds one), else with the files
+  that need no restart, and ask for one more pass when the restart is allowed (a timer for
+  the interval; the slot's `on_granted` for a slot).
 
 A failed pass is retried with jittered exponential backoff (reset by a successful pass).
 Nothing here talks to Prometheus or the API: a `PassReport` goes to the `Reporter`.
@@ -80,6 +82,16 @@ class Reporter(Protocol):
     def source_changed(self, change: SourceChange) -> None: ...
 
 
+class RestartSlot(Protocol):
+    """Fleet-wide permission to restart containerd (`restart_slots.RestartSlots`)."""
+
+    def may_restart(self) -> bool: ...
+
+    def request(self) -> None: ...
+
+    def pass_done(self, *, restart: str | None, containerd_in_sync: bool, failed: bool) -> None: ...
+
+
 class HealthBeat(Protocol):
     def beat(self, loop: str) -> None: ...
 
@@ -114,6 +126,7 @@ class Worker:
         readiness: ReadinessTracker,
         health: HealthBeat,
         timing: WorkerTiming | None = None,
+        slot: RestartSlot | None = None,
         dry_run: bool = False,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -125,6 +138,7 @@ class Worker:
         self._readiness = readiness
         self._health = health
         self._timing = timing or WorkerTiming()
+        self._slot = slot
         self._dry_run = dry_run
         self._clock = clock
         self._retry = Backoff(
@@ -193,14 +207,24 @@ class Worker:
         try:
             if self._dry_run:
                 report = self._dry_run_pass(credentials)
-            elif restarts is not None and not restarts.gate.is_open():
+            elif restarts is not None and not self._may_restart(restarts):
                 report = self._pass_without_restart(credentials, restarts)
             else:
                 report = self._full_pass(credentials)
         except NodeAgentError as error:
             report = self._failed_pass(credentials, error)
         restart = restarts.recorder.take_result() if restarts is not None else None
-        return replace(report, duration=self._clock() - started, restart=restart)
+        report = replace(report, duration=self._clock() - started, restart=restart)
+        if self._slot is not None and restarts is not None:
+            self._slot.pass_done(
+                restart=restart,
+                containerd_in_sync=all(report.in_sync.get(name, False) for name in restarts.names),
+                failed=report.result == "error",
+            )
+        return report
+
+    def _may_restart(self, restarts: RestartControl) -> bool:
+        return restarts.gate.is_open() and (self._slot is None or self._slot.may_restart())
 
     def _full_pass(self, credentials: Credentials) -> PassReport:
         outcome = self._targets.full.reconcile(credentials)
@@ -222,12 +246,15 @@ class Worker:
         containerd_in_sync = in_sync_after(inspection, written=False)
         if all(containerd_in_sync.values()):
             self._applied.update(dict.fromkeys(containerd_in_sync, credentials))
-        else:
+        elif not restarts.gate.is_open():
             opens_at = restarts.gate.opens_at()
             log.info(
                 "containerd: restarted recently; next restart in %.1fs", opens_at - self._clock()
             )
             self._queue.schedule(RESTART_ALLOWED, at=opens_at)
+        elif self._slot is not None:
+            log.info("containerd: config change waits for a restart slot")
+            self._slot.request()
         fingerprints = {
             **fingerprints_after(outcome, written=True),
             **fingerprints_after(inspection, written=False),

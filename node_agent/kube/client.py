@@ -15,13 +15,20 @@ Facts about the client (kubernetes 37.0.2, urllib3 2.x) this module relies on:
   Status with code 410 (like the API server's watch cache); on a list as HTTP 410.
 - Patch methods pick JSON patch (`application/json-patch+json`) as the Content-Type unless
   `_content_type` says otherwise; a dict body then is not a valid patch.
+- 37.x wraps every generated method in pydantic's `validate_call`: a dict body is validated
+  into the model (`V1Lease`) and serialised back, so fields the model does not know are
+  refused before anything is sent and times are re-rendered with `isoformat()` (`.000000Z`
+  becomes `+00:00`, which the API server refuses for MicroTime fields such as a Lease's
+  `renewTime`). Lease bodies therefore go through the undecorated method (`_as_is`) and are
+  sent exactly as given; clients before 37 never validated and send them as given too.
 """
 
+import functools
 import json
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Self, cast
@@ -33,6 +40,8 @@ from kubernetes.client.exceptions import ApiException
 
 from node_agent.errors import NodeAgentError
 from node_agent.kube.errors import (
+    ApiConflict,
+    ObjectMissing,
     SourceForbidden,
     SourceInvalid,
     SourceUnavailable,
@@ -77,6 +86,7 @@ class KubeApi:
     def __init__(self, api_client: k8s.ApiClient) -> None:
         self._api_client = api_client
         self._core = k8s.CoreV1Api(api_client)
+        self._coordination = k8s.CoordinationV1Api(api_client)
 
     @classmethod
     def connect(
@@ -100,13 +110,7 @@ class KubeApi:
                 )
             )
             body = _read(response)
-        document = _parse_json(ref, body)
-        metadata = document.get("metadata")
-        items = document.get("items") or []
-        version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
-        if not isinstance(version, str) or not version or not isinstance(items, list):
-            raise SourceInvalid(str(ref), "list answer without items or metadata.resourceVersion")
-        return ObjectList(items=[i for i in items if isinstance(i, dict)], resource_version=version)
+        return _object_list(ref, body)
 
     def watch_secret(
         self,
@@ -174,19 +178,94 @@ class KubeApi:
             body = _read(response)
         return _parse_json(ref, body)
 
+    def list_leases(self, namespace: str, *, request_timeout: RequestTimeout) -> ObjectList:
+        """Every Lease in `namespace` and the list's resourceVersion to watch from."""
+        ref = ObjectRef(namespace, "leases")
+        with _lease_errors(ref, "list"):
+            response = _raw(
+                self._coordination.list_namespaced_lease(
+                    namespace, _preload_content=False, _request_timeout=request_timeout
+                )
+            )
+            body = _read(response)
+        return _object_list(ref, body)
+
+    def watch_leases(
+        self,
+        namespace: str,
+        *,
+        resource_version: str,
+        timeout_seconds: int,
+        request_timeout: RequestTimeout,
+    ) -> "ApiWatchStream":
+        """Open a watch on the Leases of `namespace` from `resource_version`, with bookmarks."""
+        ref = ObjectRef(namespace, "leases")
+        with _lease_errors(ref, "watch"):
+            response = _raw(
+                self._coordination.list_namespaced_lease(
+                    namespace,
+                    resource_version=resource_version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=timeout_seconds,
+                    watch=True,
+                    _preload_content=False,
+                    _request_timeout=request_timeout,
+                )
+            )
+        return ApiWatchStream(ref, response, resource="leases")
+
+    def create_lease(
+        self, namespace: str, lease: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> dict[str, Any]:
+        """POST `lease` as given; the created Lease. `ApiConflict(already_exists=True)` when a
+        Lease of that name exists."""
+        ref = ObjectRef(namespace, _name_of(lease) or "leases")
+        with _lease_errors(ref, "create"):
+            response = _raw(
+                _as_is(self._coordination.create_namespaced_lease)(
+                    namespace,
+                    dict(lease),
+                    _preload_content=False,
+                    _request_timeout=request_timeout,
+                )
+            )
+            body = _read(response)
+        return _parse_json(ref, body)
+
+    def replace_lease(
+        self, ref: ObjectRef, lease: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> dict[str, Any]:
+        """PUT `lease` as given (with the `metadata.resourceVersion` it was read at); the stored
+        Lease. `ApiConflict` when it changed since, `ObjectMissing` when it was deleted."""
+        with _lease_errors(ref, "update"):
+            response = _raw(
+                _as_is(self._coordination.replace_namespaced_lease)(
+                    ref.name,
+                    ref.namespace,
+                    dict(lease),
+                    _preload_content=False,
+                    _request_timeout=request_timeout,
+                )
+            )
+            body = _read(response)
+        return _parse_json(ref, body)
+
 
 class ApiWatchStream:
     """One open watch response: iterate for events; `interrupt()` from any thread ends it."""
 
-    def __init__(self, ref: ObjectRef, response: urllib3.BaseHTTPResponse) -> None:
+    def __init__(
+        self, ref: ObjectRef, response: urllib3.BaseHTTPResponse, *, resource: str = "secrets"
+    ) -> None:
         self._ref = ref
         self._response = response
+        self._resource = resource
 
     def __iter__(self) -> Iterator[WatchEvent]:
-        with _translated_errors(self._ref, "watch"):
+        with _translated_errors(self._ref, "watch", resource=self._resource):
             for line in _lines(self._response.stream(None)):
                 if line.strip():
-                    yield _parse_event(self._ref, line)
+                    yield _parse_event(self._ref, line, self._resource)
 
     def interrupt(self) -> None:
         # Shut the socket down rather than close it: the reading thread still owns it, and a
@@ -202,6 +281,22 @@ class ApiWatchStream:
         with suppress(OSError, urllib3.exceptions.HTTPError):
             self._response.close()
             self._response.release_conn()
+
+
+def _as_is(method: Callable[..., object]) -> Callable[..., object]:
+    """A generated API method without 37.x's argument validation, so that a dict body is sent
+    exactly as given (see the module docstring); the method itself when it has none."""
+    function = getattr(method, "raw_function", None)  # set by pydantic's validate_call
+    owner = getattr(method, "__self__", None)
+    if function is None or owner is None:
+        return method
+    return functools.partial(function, owner)
+
+
+def _name_of(obj: Mapping[str, Any]) -> str | None:
+    metadata = obj.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    return name if isinstance(name, str) and name else None
 
 
 def _raw(answer: object) -> urllib3.BaseHTTPResponse:
@@ -239,13 +334,23 @@ def _parse_json(ref: ObjectRef, raw: bytes) -> dict[str, Any]:
     return document
 
 
-def _parse_event(ref: ObjectRef, line: bytes) -> WatchEvent:
+def _object_list(ref: ObjectRef, raw: bytes) -> ObjectList:
+    document = _parse_json(ref, raw)
+    metadata = document.get("metadata")
+    items = document.get("items") or []
+    version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+    if not isinstance(version, str) or not version or not isinstance(items, list):
+        raise SourceInvalid(str(ref), "list answer without items or metadata.resourceVersion")
+    return ObjectList(items=[i for i in items if isinstance(i, dict)], resource_version=version)
+
+
+def _parse_event(ref: ObjectRef, line: bytes, resource: str) -> WatchEvent:
     document = _parse_json(ref, line)
     event_type, obj = document.get("type"), document.get("object")
     if not isinstance(event_type, str) or not isinstance(obj, dict):
         raise SourceInvalid(str(ref), "watch event without type or object")
     if event_type == "ERROR":
-        raise _status_error(ref, "watch", _as_int(obj.get("code")), obj)
+        raise _status_error(ref, "watch", _as_int(obj.get("code")), obj, resource)
     return WatchEvent(type=event_type, object=obj)
 
 
@@ -253,8 +358,9 @@ def _parse_event(ref: ObjectRef, line: bytes) -> WatchEvent:
 def _translated_errors(ref: ObjectRef, verb: str, *, resource: str = "secrets") -> Iterator[None]:
     """Client and transport exceptions → the agent's own, with what to do about them.
 
-    Event calls reuse the source error types: `reason` (forbidden, unreachable, invalid) is
-    what their callers act on, and `source` names `namespace/event-name` there."""
+    Event and Lease calls reuse the source error types: `reason` (forbidden, unreachable,
+    invalid) is what their callers act on, and `source` names `namespace/object-name` (or
+    `namespace/leases` for a list or watch) there."""
     try:
         yield
     except ApiException as error:
@@ -263,6 +369,35 @@ def _translated_errors(ref: ObjectRef, verb: str, *, resource: str = "secrets") 
     except (urllib3.exceptions.HTTPError, OSError) as error:
         problem = f"{verb} {resource}: cannot reach the API server ({_describe(error)})"
         raise SourceUnavailable(str(ref), problem) from error
+
+
+@contextmanager
+def _lease_errors(ref: ObjectRef, verb: str) -> Iterator[None]:
+    """Like `_translated_errors`, plus the answers optimistic concurrency expects: 409 as
+    `ApiConflict`, and 404 on an update as `ObjectMissing`."""
+    with _translated_errors(ref, verb, resource="leases"):
+        try:
+            yield
+        except ApiException as error:
+            status = _status_of(error)
+            message = str(status.get("message") or "")[:_STATUS_MESSAGE_LIMIT]
+            if error.status == 409:
+                already_exists = status.get("reason") == "AlreadyExists"
+                problem = (
+                    "the Lease already exists"
+                    if already_exists
+                    else "the Lease changed since it was read"
+                )
+                raise ApiConflict(
+                    str(ref),
+                    f"{verb} leases: {problem} (409: {message})",
+                    already_exists=already_exists,
+                ) from error
+            if error.status == 404 and verb == "update":
+                raise ObjectMissing(
+                    str(ref), f"{verb} leases: the Lease no longer exists (404: {message})"
+                ) from error
+            raise
 
 
 def _status_error(
@@ -281,16 +416,19 @@ def _status_error(
         return SourceForbidden(
             str(ref),
             f"RBAC forbids {verb} on {resource} in namespace {ref.namespace} (403): allow the "
-            f"agent's ServiceAccount to {_needed_permission(ref, resource)} there "
+            f"agent's ServiceAccount to {_needed_permission(ref, resource)} "
             f"(API server: {message})",
         )
     return SourceUnavailable(str(ref), f"{verb} {resource}: API answered {code} ({message})")
 
 
 def _needed_permission(ref: ObjectRef, resource: str) -> str:
+    """What to grant, and where."""
     if resource == "events":
-        return "create and patch events"
-    return f"get, list and watch Secret {ref.name!r}"
+        return "create and patch events there"
+    if resource == "leases":
+        return f"get, list, watch, create and update leases in namespace {ref.namespace}"
+    return f"get, list and watch Secret {ref.name!r} there"
 
 
 def _status_of(error: ApiException) -> Mapping[str, Any]:

@@ -1,0 +1,565 @@
+"""`RestartSlots`: one thread that gets, keeps and gives back this node's restart slot.
+
+The worker asks (`request`) when containerd's config needs a restart, learns from
+`may_restart` whether it may go ahead, and says what its pass did (`pass_done`). Everything
+that talks to the API happens on this module's own thread, so a slow or absent API never
+blocks a reconcile, and the slot's Lease is renewed every TTL/3 while the worker restarts
+containerd.
+
+States:
+
+    IDLE ──request──▶ WAITING ──slot claimed──▶ HOLDING ──restart healthy──▶ SETTLING ─▶ IDLE
+                        │  └──API unreachable > max-wait──▶ UNCOORDINATED ──pass──▶ IDLE
+                        └──no restart needed any more──▶ IDLE
+    HOLDING ──restart failed / rolled back──▶ KEPT (renewing: the rollout stops here)
+    KEPT ──a later healthy restart──▶ SETTLING;  KEPT ──in sync without restart──▶ release
+    any holding state ──Lease taken or released by someone else──▶ IDLE
+"""
+
+import enum
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from node_agent.kube.errors import (
+    ApiConflict,
+    ObjectMissing,
+    SourceError,
+    WatchExpired,
+)
+from node_agent.kube.model import LeaseApi, ObjectRef, RequestTimeout
+from node_agent.kube.secret_watch import Backoff
+from node_agent.restart_slots.leases import (
+    Claim,
+    NoSlot,
+    QuietTimer,
+    SlotLease,
+    choose_slot,
+    claimed,
+    new_lease,
+    node_fraction,
+    released,
+    renewed,
+    slot_leases,
+    slot_order,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SlotState(enum.Enum):
+    IDLE = "idle"
+    WAITING = "waiting"
+    HOLDING = "holding"
+    """A slot is held for the restart the worker is about to make."""
+    KEPT = "kept"
+    """The restart under this slot failed: the slot stays held, so the rollout stops here."""
+    SETTLING = "settling"
+    """The restart went well (or was not needed): the slot is given back soon."""
+    UNCOORDINATED = "uncoordinated"
+    """The API was unreachable for longer than max-wait: restart without a slot."""
+
+
+# Stopping: the release must fit in the daemon's stop budget.
+_FINAL_TIMEOUT: RequestTimeout = (1.0, 2.0)
+
+_MAY_RESTART = frozenset({SlotState.HOLDING, SlotState.KEPT, SlotState.UNCOORDINATED})
+_HOLDS_LEASE = frozenset({SlotState.HOLDING, SlotState.KEPT, SlotState.SETTLING})
+
+
+class SlotReporter(Protocol):
+    """Where the slot's story goes (metrics, Node Events, log)."""
+
+    def restart_queued(self, *, slots: int, namespace: str) -> None: ...
+
+    def restart_wait_over(self) -> None:
+        """The wait ended without a slot being needed any more (or the agent stopped)."""
+
+    def restart_slot_acquired(self, slot: str, *, waited: float) -> None: ...
+
+    def restart_failed_open(self, *, unreachable_for: float, problem: str) -> None: ...
+
+    def restart_slot_kept(self, slot: str) -> None: ...
+
+    def restart_slot_released(self, slot: str) -> None: ...
+
+    def restart_slot_lost(self, slot: str, *, holder: str | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """The coordination settings, resolved."""
+
+    node: str
+    namespace: str
+    concurrency: int
+    lease_ttl: float
+    max_wait: float
+    settle: float
+
+    @property
+    def lease_seconds(self) -> int:
+        """`leaseDurationSeconds` (whole seconds, rounded up)."""
+        return max(1, math.ceil(self.lease_ttl))
+
+    @property
+    def renew_every(self) -> float:
+        return self.lease_seconds / 3
+
+
+@dataclass(frozen=True)
+class SlotTiming:
+    """Delays of the slot thread, in seconds. The defaults suit a real cluster."""
+
+    start_jitter: float = 2.0
+    """A wait starts after uniform(0, start_jitter): nodes that saw the same Secret change
+    in the same second do not all ask the API at once."""
+    longest_watch: float = 30.0
+    """The slow poll: a Lease watch is reopened (after a fresh list) at least this often."""
+    conflict_backoff: float = 1.0
+    """After a 409, wait uniform(0, this) before reading the slots again."""
+    retry_initial: float = 1.0
+    retry_max: float = 30.0
+    """Backoff between attempts while the API fails."""
+    renew_retry: float = 1.0
+    """After a failed renewal or release, try again this soon."""
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RestartSlots:
+    """This node's restart slot. `start()`, then the worker's calls; `stop()` at the end."""
+
+    def __init__(
+        self,
+        *,
+        api: LeaseApi,
+        config: SlotConfig,
+        reporter: SlotReporter,
+        on_granted: Callable[[], None],
+        timing: SlotTiming | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = _utc_now,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._api = api
+        self._reporter = reporter
+        self._on_granted = on_granted
+        self._timing = timing or SlotTiming()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._order = slot_order(config.node, config.concurrency)
+        self._quiet = QuietTimer()
+        self._backoff = Backoff(
+            initial=self._timing.retry_initial, maximum=self._timing.retry_max, rng=self._rng
+        )
+        self._changed = threading.Condition()
+        self._state = SlotState.IDLE
+        self._stopped = False
+        self._held: SlotLease | None = None
+        self._renew_at = 0.0
+        self._release_at = 0.0
+        self._renewed_at = 0.0
+        self._again = False
+        self._wait_started = 0.0
+        self._not_before = 0.0
+        self._unreachable_since: float | None = None
+        self._failed_slots: set[str] = set()
+        self._stream_interrupt: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="restart-slots", daemon=True)
+
+    # lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 3.0) -> bool:
+        """End the thread; a slot held for a healthy or unneeded restart is given back, a
+        kept one stays kept. True if the thread ended within `timeout`."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+            self._interrupt_watch()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def state(self) -> SlotState:
+        with self._changed:
+            return self._state
+
+    @property
+    def held_slot(self) -> str | None:
+        with self._changed:
+            return self._held.name if self._held is not None else None
+
+    # the worker's side
+
+    def may_restart(self) -> bool:
+        """Whether containerd may be restarted now: a slot is held (or the API has been
+        unreachable for longer than max-wait)."""
+        with self._changed:
+            return self._state in _MAY_RESTART
+
+    def request(self) -> None:
+        """containerd's config needs a restart: get a slot (`on_granted` is called then)."""
+        with self._changed:
+            if self._state is SlotState.IDLE:
+                self._begin_wait()
+            elif self._state is SlotState.SETTLING:
+                self._again = True
+
+    def pass_done(self, *, restart: str | None, containerd_in_sync: bool, failed: bool) -> None:
+        """What a pass did: `restart` is its restart result (`success`, `rolled_back`,
+        `failed`) or None; `containerd_in_sync` whether containerd runs the desired config;
+        `failed` whether the pass ended in an error."""
+        report: Callable[[], None] | None = None
+        with self._changed:
+            state, now = self._state, self._clock()
+            if state in (SlotState.HOLDING, SlotState.KEPT):
+                report = self._after_holding_pass(
+                    state, restart, in_sync=containerd_in_sync, failed=failed, now=now
+                )
+            elif state is SlotState.UNCOORDINATED and (restart is not None or containerd_in_sync):
+                self._state = SlotState.IDLE
+            elif state is SlotState.WAITING and containerd_in_sync:
+                self._state = SlotState.IDLE
+                self._interrupt_watch()
+                report = self._reporter.restart_wait_over
+            self._changed.notify_all()
+        if report is not None:
+            report()
+
+    def _after_holding_pass(
+        self, state: SlotState, restart: str | None, *, in_sync: bool, failed: bool, now: float
+    ) -> Callable[[], None] | None:
+        held = self._held
+        assert held is not None, "a holding state has a Lease"
+        if restart == "success":
+            self._settle_until(now + self.config.settle)
+        elif restart is not None:
+            self._state = SlotState.KEPT
+            return lambda: self._reporter.restart_slot_kept(held.name)
+        elif in_sync or (failed and state is SlotState.HOLDING):
+            # Nothing restarted: the change needs no restart any more, or the pass failed
+            # before restarting (a node-file problem of this node, not a bad change).
+            self._settle_until(now)
+        return None
+
+    def _settle_until(self, at: float) -> None:
+        self._state = SlotState.SETTLING
+        self._release_at = at
+
+    # the thread
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if self._stopped:
+                    break
+                state = self._state
+                if state not in _HOLDS_LEASE and state is not SlotState.WAITING:
+                    self._changed.wait()
+                    continue
+            if state is SlotState.WAITING:
+                self._try_to_acquire()
+            else:
+                self._keep_or_release()
+        self._on_exit()
+
+    def _on_exit(self) -> None:
+        with self._changed:
+            state = self._state
+        if state is SlotState.WAITING:
+            self._reporter.restart_wait_over()
+        elif state in (SlotState.HOLDING, SlotState.SETTLING):
+            self._release(final=True)
+
+    # waiting for a slot
+
+    def _begin_wait(self) -> None:
+        now = self._clock()
+        self._state = SlotState.WAITING
+        self._wait_started = now
+        self._not_before = now + self._rng.uniform(0, self._timing.start_jitter)
+        self._unreachable_since = None
+        self._changed.notify_all()
+        self._reporter.restart_queued(
+            slots=self.config.concurrency, namespace=self.config.namespace
+        )
+
+    def _try_to_acquire(self) -> None:
+        delay = self._not_before - self._clock()
+        if delay > 0:
+            self._pause(delay, SlotState.WAITING)
+            return
+        try:
+            listing = self._api.list_leases(self.config.namespace, request_timeout=self._timeout())
+        except SourceError as error:
+            self._api_failed(error)
+            return
+        leases = slot_leases(listing.items, self._order)
+        now = self._clock()
+        self._quiet.observe(leases, now)
+        # A slot whose claim failed (403 on one name, say) is tried last, so the others
+        # still serve; the API counts as answering only once a claim or a wait works.
+        order = sorted(self._order, key=lambda slot: slot in self._failed_slots)
+        choice = choose_slot(
+            node=self.config.node,
+            order=order,
+            leases=leases,
+            quiet=self._quiet,
+            now=now,
+            default_ttl=self.config.lease_seconds,
+        )
+        if isinstance(choice, NoSlot):
+            self._api_answered()  # every slot is held: a normal wait
+            self._watch_slots(listing.resource_version, choice.retry_in)
+        else:
+            self._claim(choice)
+
+    def _claim(self, claim: Claim) -> None:
+        try:
+            answer = self._send_claim(claim)
+        except (ApiConflict, ObjectMissing) as error:
+            log.debug("restart slot %s: someone was faster (%s)", claim.slot, error)
+            self._pause(self._rng.uniform(0, self._timing.conflict_backoff), SlotState.WAITING)
+            return
+        except SourceError as error:
+            self._failed_slots.add(claim.slot)
+            self._api_failed(error)
+            return
+        self._api_answered()
+        lease = SlotLease.parse(answer)
+        if lease is None:
+            log.warning("restart slot %s: the API answered an unusable Lease", claim.slot)
+            self._pause(self._timing.renew_retry, SlotState.WAITING)
+            return
+        self._granted(lease)
+
+    def _send_claim(self, claim: Claim) -> Any:
+        at, config = self._wall_clock(), self.config
+        if claim.kind == "create":
+            body = new_lease(claim.slot, node=config.node, ttl=config.lease_seconds, at=at)
+            return self._api.create_lease(config.namespace, body, request_timeout=self._timeout())
+        assert claim.lease is not None, "take and reclaim carry the Lease read"
+        body = claimed(claim.lease, node=config.node, ttl=config.lease_seconds, at=at)
+        return self._api.replace_lease(self._ref(claim.slot), body, request_timeout=self._timeout())
+
+    def _granted(self, lease: SlotLease) -> None:
+        with self._changed:
+            now = self._clock()
+            self._held = lease
+            self._renewed_at = now
+            self._renew_at = now + self.config.renew_every
+            if self._state is not SlotState.WAITING or self._stopped:
+                self._settle_until(now)  # no longer wanted: give it back
+                return
+            self._state = SlotState.HOLDING
+            waited = now - self._wait_started
+        log.info("restart slot %s acquired after %.1fs", lease.name, waited)
+        self._reporter.restart_slot_acquired(lease.name, waited=waited)
+        self._on_granted()
+
+    def _watch_slots(self, resource_version: str, retry_in: float) -> None:
+        """Block until a slot Lease changes, one may have been abandoned, or `longest_watch`."""
+        seconds = max(1, math.ceil(min(retry_in, self._timing.longest_watch)))
+        try:
+            stream = self._api.watch_leases(
+                self.config.namespace,
+                resource_version=resource_version,
+                timeout_seconds=seconds,
+                request_timeout=(self._timing.connect_timeout, seconds + self._timing.read_timeout),
+            )
+        except WatchExpired:
+            return  # list again
+        except SourceError as error:
+            self._api_failed(error)
+            return
+        with self._changed:
+            if self._state is not SlotState.WAITING or self._stopped:
+                stream.close()
+                return
+            self._stream_interrupt = stream.interrupt
+        try:
+            slots = set(self._order)
+            for event in stream:
+                if event.name in slots:
+                    break
+        except (SourceError, WatchExpired) as error:
+            log.debug("restart slots: watch ended (%s); listing again", error)
+        finally:
+            with self._changed:
+                self._stream_interrupt = None
+            stream.close()
+
+    def _api_failed(self, error: SourceError) -> None:
+        now = self._clock()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            log.warning("restart slots: %s; retrying, containerd restart waits", error)
+        else:
+            log.debug("restart slots: %s", error)
+        spread = node_fraction(self.config.node) * self.config.lease_ttl
+        fail_open_at = self._unreachable_since + self.config.max_wait + spread
+        if now >= fail_open_at:
+            self._fail_open(now - self._unreachable_since, str(error))
+            return
+        self._pause(min(self._backoff.next_delay(), fail_open_at - now), SlotState.WAITING)
+
+    def _api_answered(self) -> None:
+        self._unreachable_since = None
+        self._backoff.reset()
+        self._failed_slots.clear()
+
+    def _fail_open(self, unreachable_for: float, problem: str) -> None:
+        with self._changed:
+            if self._state is not SlotState.WAITING:
+                return
+            self._state = SlotState.UNCOORDINATED
+        log.warning(
+            "restart slots: the API has been unreachable for %.0fs (over --restart-max-wait): "
+            "restarting containerd without a slot (%s)",
+            unreachable_for,
+            problem,
+        )
+        self._reporter.restart_failed_open(unreachable_for=unreachable_for, problem=problem)
+        self._on_granted()
+
+    # holding a slot
+
+    def _keep_or_release(self) -> None:
+        with self._changed:
+            now = self._clock()
+            releasing = self._state is SlotState.SETTLING
+            if releasing and now >= self._release_at:
+                due = "release"
+            elif now >= self._renew_at:
+                due = "renew"
+            else:
+                until = min(self._renew_at, self._release_at if releasing else math.inf)
+                self._changed.wait(until - now)
+                return
+        if due == "release":
+            self._release(final=False)
+        else:
+            self._renew()
+
+    def _renew(self) -> None:
+        held = self._held
+        assert held is not None, "a holding state has a Lease"
+        try:
+            answer = self._api.replace_lease(
+                self._ref(held.name),
+                renewed(held, at=self._wall_clock()),
+                request_timeout=self._timeout(),
+            )
+        except (ApiConflict, ObjectMissing):
+            self._reread_held(held.name)
+            return
+        except SourceError as error:
+            log.warning("restart slot %s: renewal failed (%s); retrying", held.name, error)
+            with self._changed:
+                self._renew_at = self._clock() + self._timing.renew_retry
+            return
+        self._store_renewed(SlotLease.parse(answer))
+
+    def _store_renewed(self, lease: SlotLease | None) -> None:
+        with self._changed:
+            now = self._clock()
+            if lease is not None:
+                self._held = lease
+                self._renewed_at = now
+            self._renew_at = now + self.config.renew_every
+
+    def _reread_held(self, name: str) -> None:
+        """A renewal met a 409 or 404: still ours (someone edited the Lease), or lost?"""
+        try:
+            listing = self._api.list_leases(self.config.namespace, request_timeout=self._timeout())
+        except SourceError as error:
+            log.warning("restart slot %s: cannot read it back (%s); retrying", name, error)
+            with self._changed:
+                self._renew_at = self._clock() + self._timing.renew_retry
+            return
+        lease = slot_leases(listing.items, [name]).get(name)
+        if lease is not None and lease.holder == self.config.node:
+            with self._changed:
+                self._held = lease
+                self._renew_at = self._clock()
+            return
+        self._lost(name, lease.holder if lease is not None else None)
+
+    def _lost(self, name: str, holder: str | None) -> None:
+        log.warning(
+            "restart slot %s was released or taken by someone else (holder now: %s)",
+            name,
+            holder or "none",
+        )
+        self._after_release()
+        self._reporter.restart_slot_lost(name, holder=holder)
+
+    def _release(self, *, final: bool) -> None:
+        held = self._held
+        assert held is not None, "a holding state has a Lease"
+        timeout = _FINAL_TIMEOUT if final else self._timeout()
+        try:
+            self._api.replace_lease(self._ref(held.name), released(held), request_timeout=timeout)
+        except ObjectMissing:
+            pass  # deleted: free
+        except (ApiConflict, SourceError) as error:
+            if final or self._clock() >= self._renewed_at + self.config.lease_ttl:
+                log.warning("restart slot %s: not released (%s); it expires", held.name, error)
+                self._after_release()
+                return
+            if isinstance(error, ApiConflict):
+                self._reread_held(held.name)  # still ours: released on the next turn
+                return
+            log.warning("restart slot %s: release failed (%s); retrying", held.name, error)
+            with self._changed:
+                self._release_at = self._clock() + self._timing.renew_retry
+            return
+        log.info("restart slot %s released", held.name)
+        self._after_release()
+        self._reporter.restart_slot_released(held.name)
+
+    def _after_release(self) -> None:
+        with self._changed:
+            self._held = None
+            again, self._again = self._again, False
+            self._state = SlotState.IDLE
+            if again and not self._stopped:
+                self._begin_wait()
+
+    # helpers
+
+    def _pause(self, seconds: float, state: SlotState) -> None:
+        """Wait up to `seconds`, less if the state changes or the slots are stopped."""
+        with self._changed:
+            if self._state is state and not self._stopped and seconds > 0:
+                self._changed.wait(seconds)
+
+    def _interrupt_watch(self) -> None:
+        if self._stream_interrupt is not None:
+            self._stream_interrupt()
+
+    def _ref(self, slot: str) -> ObjectRef:
+        return ObjectRef(self.config.namespace, slot)
+
+    def _timeout(self) -> RequestTimeout:
+        return (self._timing.connect_timeout, self._timing.read_timeout)
