@@ -14,132 +14,42 @@ import os
 import shutil
 import tempfile
 import time
-import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
+from daemon_harness import (
+    DOCKERCONFIG,
+    FOREIGN_JSON,
+    FOREIGN_TOML,
+    NAME,
+    NS,
+    REGISTRY,
+    RESTART_SCRIPT,
+    SECRET,
+    Agent,
+    Node,
+    agent_settings,
+    create_secret,
+    dockerconfig,
+    start_daemon,
+    update_secret,
+    wait_until,
+)
 from fake_cri import FakeCri
 from kubeapi import KubeApiServer
-from prometheus_client.parser import text_string_to_metric_families
 
-from node_agent.daemon.daemon import Daemon
 from node_agent.daemon.run import build_daemon
 from node_agent.daemon.work_queue import Batch
-from node_agent.daemon.worker import RESYNC, START, WorkerTiming
+from node_agent.daemon.worker import RESYNC, START
 from node_agent.kube.model import ObjectRef
-from node_agent.kube.secret_watch import WatchSettings
-from node_agent.restart_slots.coordinator import SlotTiming
-from node_agent.settings import DaemonSettings, RestartCoordination, Settings
-
-NS = "kube-system"
-FAST_SLOTS = SlotTiming(start_jitter=0.0, retry_initial=0.05, retry_max=0.2, renew_retry=0.1)
-NAME = "registry-credentials"
-SECRET = ObjectRef(NS, NAME)
-REGISTRY = "reg.example:5000"
-CRI = "io.containerd.grpc.v1.cri"
-DOCKERCONFIG = "kubernetes.io/dockerconfigjson"
-NODE_NAME = "node-1"
-
-FOREIGN_TOML = f"""# node image config
-version = 2
-
-[plugins."{CRI}".registry.configs."foreign.example".auth]
-  username = "theirs"
-  password = "their-password"
-"""
-FOREIGN_JSON = '{\n  "auths": {\n    "quay.io": {\n      "auth": "cTpx"\n    }\n  }\n}\n'
-
-FAST_WATCH = WatchSettings(
-    watch_timeout_seconds=10,
-    connect_timeout=1.0,
-    list_read_timeout=2.0,
-    watch_read_timeout=0.5,  # the test server sends a bookmark every 0.1 s
-    backoff_initial=0.05,
-    backoff_max=0.2,
-)
-
-# Restarts "containerd": appends a line to the log; fails while config.toml names
-# broken.example (like a containerd that does not come back with a bad config).
-RESTART_SCRIPT = """#!/bin/sh
-if grep -q broken.example "$2"; then
-  echo "containerd did not start" >&2
-  exit 1
-fi
-date +%s.%N >> "$1"
-"""
-
-
-def dockerconfig(password: str, registry: str = REGISTRY) -> dict[str, bytes]:
-    document = {"auths": {registry: {"username": "puller", "password": password}}}
-    return {".dockerconfigjson": json.dumps(document).encode()}
-
-
-@dataclass
-class Node:
-    """A node's files in tmp_path, with a foreign entry in each."""
-
-    root: Path
-
-    @property
-    def config_toml(self) -> Path:
-        return self.root / "etc/containerd/config.toml"
-
-    @property
-    def config_json(self) -> Path:
-        return self.root / "var/lib/kubelet/config.json"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "var/lib/node-agent"
-
-    @property
-    def restart_log(self) -> Path:
-        return self.root / "restarts.log"
-
-    def restart_times(self) -> list[float]:
-        """Wall-clock time of each successful restart."""
-        if not self.restart_log.exists():
-            return []
-        return [float(line) for line in self.restart_log.read_text().split()]
-
-    def restarts(self) -> int:
-        return len(self.restart_times())
-
-    def containerd_password(self, registry: str = REGISTRY) -> str | None:
-        if not self.config_toml.exists():
-            return None
-        configs = tomllib.loads(self.config_toml.read_text())["plugins"][CRI]["registry"]["configs"]
-        auth = configs.get(registry, {}).get("auth")
-        return None if auth is None else str(auth["password"])
-
-    def kubelet_password(self, registry: str = REGISTRY) -> str | None:
-        if not self.config_json.exists():
-            return None
-        entry = json.loads(self.config_json.read_text())["auths"].get(registry)
-        if entry is None:
-            return None
-        return base64.b64decode(entry["auth"]).decode().partition(":")[2]
-
-    def passwords(self) -> tuple[str | None, str | None]:
-        return self.containerd_password(), self.kubelet_password()
-
-    def temp_files(self) -> list[Path]:
-        return [p for p in self.root.rglob("*") if ".node-agent-" in p.name]
+from node_agent.settings import DaemonSettings, Settings
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
-    node = Node(tmp_path / "node")
-    node.config_toml.parent.mkdir(parents=True)
-    node.config_json.parent.mkdir(parents=True)
-    node.config_toml.write_text(FOREIGN_TOML)
-    node.config_json.write_text(FOREIGN_JSON)
-    return node
+    return Node.create(tmp_path / "node")
 
 
 @pytest.fixture
@@ -151,76 +61,6 @@ def cri_socket() -> Iterator[str]:
     yield socket_path
     fake.stop()
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 3.0, what: str = "") -> float:
-    """Poll until `condition()` is truthy; the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"not in {timeout}s: {what}"
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
-@dataclass
-class Agent:
-    daemon: Daemon
-    node: Node
-    kube_api: KubeApiServer
-    stopped: bool = False
-
-    def get(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.daemon.status_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                return answer.status, answer.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        _, text = self.get("/metrics")
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
-    def metric(self, name: str, **labels: str) -> float:
-        """A sample's value, 0 when it is absent."""
-        return self.metrics().get((name, frozenset(labels.items())), 0.0)
-
-    def reconciles(self) -> float:
-        return sum(
-            self.metric("node_agent_reconcile_total", result=r)
-            for r in ("applied", "noop", "error")
-        )
-
-    def events(self, reason: str) -> list[dict[str, Any]]:
-        return self.kube_api.events("default", reason=reason)
-
-    def wait_for_passwords(self, password: str | None, timeout: float = 3.0) -> float:
-        return wait_until(
-            lambda: self.node.passwords() == (password, password),
-            timeout,
-            f"both files hold {password!r}, they hold {self.node.passwords()}",
-        )
-
-    def wait_idle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:
-        """Until no pass ran for `quiet` seconds."""
-        deadline = time.monotonic() + timeout
-        last = self.reconciles()
-        while time.monotonic() < deadline:
-            time.sleep(quiet)
-            now = self.reconciles()
-            if now == last:
-                return
-            last = now
-        raise AssertionError("the agent never went quiet")
-
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            assert self.daemon.stop(timeout=4), "the daemon did not stop in time"
 
 
 StartAgent = Callable[..., Agent]
@@ -243,60 +83,23 @@ def start_agent(
         on_secret_delete: str = "remove",
         resync_interval: float = 60.0,
     ) -> Agent:
-        assert kube_api.kubeconfig_path is not None
-        settings = DaemonSettings(
-            node=Settings(
-                secret_files=secret_files,
-                containerd_config=node.config_toml,
-                kubelet_config=node.config_json,
-                state_dir=node.state_dir,
-                reload="command" if restart else "none",
-                reload_command=(
-                    "/bin/sh",
-                    str(script),
-                    str(node.restart_log),
-                    str(node.config_toml),
-                )
-                if restart
-                else (),
-                reload_timeout=3.0,
-                containerd_socket=Path(cri_socket),
-            ),
+        settings = agent_settings(
+            node,
+            kube_api,
+            cri_socket=cri_socket,
+            restart_script=script if restart else None,
             secrets=secrets,
-            kubeconfig=kube_api.kubeconfig_path,
+            secret_files=secret_files,
             on_secret_delete=on_secret_delete,
             resync_interval=resync_interval,
-            debounce=0.05,
-            min_reload_interval=1.0,
-            node_name=NODE_NAME,
-            metrics_address="127.0.0.1:0",
-            events=bool(secrets),
-            # One node: its restarts take the one slot at once (tests/test_restart_slots.py
-            # and tests/test_daemon_restart_slots.py are about sharing).
-            restarts=RestartCoordination(lease_namespace=NS, lease_ttl=10.0, settle=0.0),
         )
-        timing = WorkerTiming(
-            resync_interval=resync_interval, heartbeat=1.0, retry_initial=0.05, retry_max=0.2
-        )
-        daemon = build_daemon(
-            settings, watch_settings=FAST_WATCH, timing=timing, slot_timing=FAST_SLOTS
-        )
-        agent = Agent(daemon, node, kube_api)
+        agent = Agent(start_daemon(settings, resync_interval=resync_interval), node, kube_api)
         running.append(agent)
-        daemon.start()
         return agent
 
     yield start
     for agent in running:
         agent.stop()
-
-
-def create_secret(kube_api: KubeApiServer, password: str) -> str:
-    return kube_api.create_secret(NS, NAME, dockerconfig(password), type=DOCKERCONFIG)
-
-
-def update_secret(kube_api: KubeApiServer, password: str) -> str:
-    return kube_api.update_secret(NS, NAME, dockerconfig(password))
 
 
 # --- following the Secret -----------------------------------------------------------------
