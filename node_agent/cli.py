@@ -92,6 +92,17 @@ class _EnvDefaults:
             options["default"] = self._from_env(raw, options)
         self.parser.add_argument(flag, **options)
 
+    def add_durations(self, durations: Sequence[tuple[str, str, str]]) -> None:
+        """Duration flags from (flag, default, help) rows."""
+        for flag, default, help_text in durations:
+            self.add(
+                flag,
+                type=parse_duration,
+                default=parse_duration(default),
+                metavar="DURATION",
+                help=f"{help_text} (default {default})",
+            )
+
     @staticmethod
     def _from_env(raw: str, options: Mapping[str, Any]) -> Any:
         action = options.get("action")
@@ -214,14 +225,7 @@ def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
         ("--debounce", "200ms", "changes within this long after a pass join the next one"),
         ("--min-reload-interval", "30s", "at most one containerd restart this often"),
     )
-    for flag, default, help_text in durations:
-        flags.add(
-            flag,
-            type=parse_duration,
-            default=parse_duration(default),
-            metavar="DURATION",
-            help=f"{help_text} (default {default})",
-        )
+    flags.add_durations(durations)
     flags.add(
         "--node-name",
         default=environ.get("NODE_NAME") or None,
@@ -265,14 +269,7 @@ def _add_restart_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
         ),
         ("--restart-settle", "5s", "keep the slot this long after a healthy restart"),
     )
-    for flag, default, help_text in durations:
-        flags.add(
-            flag,
-            type=parse_duration,
-            default=parse_duration(default),
-            metavar="DURATION",
-            help=f"{help_text} (default {default})",
-        )
+    flags.add_durations(durations)
     flags.add(
         "--restart-lease-namespace",
         default=_own_namespace(environ),
