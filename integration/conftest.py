@@ -17,6 +17,10 @@ Fixtures (all function-scoped: each test gets fresh processes and storage):
     A running containerd whose CRI answers. ``.config_path``, ``.socket_path``,
     ``.restart()``, ``.stop()``, ``.is_running()``, ``.cri()``, ``.restart_command`` (for
     ``node-agent reconcile --reload command --reload-command ...``), ``.break_next_restart()``.
+``make_containerd_node`` → ``(name) -> ContainerdNode``
+    More than one node in a test (restart slots): each call starts another containerd like
+    ``containerd_node``'s, with its own root, state and sockets. ``name`` names the directory
+    under ``tmp_path`` its log is kept in (``containerd-<name>/containerd.log``).
 
 Processes are stopped at teardown whatever the test did; containerd's and the registry's logs
 stay in the test's ``tmp_path``.
@@ -26,7 +30,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -91,3 +96,19 @@ def containerd_node(tmp_path: Path) -> Iterator[ContainerdNode]:
         yield node
     finally:
         node.destroy(keep_log_in=tmp_path)
+
+
+@pytest.fixture
+def make_containerd_node(tmp_path: Path) -> Iterator[Callable[[str], ContainerdNode]]:
+    """Start one more containerd per call (see ContainerdNode); all destroyed at teardown."""
+    with ExitStack() as teardown:
+
+        def make(name: str) -> ContainerdNode:
+            node = ContainerdNode.create()
+            keep_log_in = tmp_path / f"containerd-{name}"
+            keep_log_in.mkdir()
+            teardown.callback(node.destroy, keep_log_in=keep_log_in)
+            node.start()
+            return node
+
+        yield make

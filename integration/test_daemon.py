@@ -104,6 +104,11 @@ def agent(
         "20s",
         "--min-reload-interval",
         "1s",
+        # One node: the one restart slot is its own (integration/test_restart_slots.py shares).
+        "--restart-lease-namespace",
+        NS,
+        "--restart-settle",
+        "0s",
         "--metrics-address",
         "127.0.0.1:0",
     ]

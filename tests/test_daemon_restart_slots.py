@@ -163,8 +163,10 @@ def test_changes_during_the_wait_become_one_restart_with_the_newest(
     wait_until(lambda: waiting.node.kubelet_password() == "pw-2", timeout=2)
     update_secret(kube_api, "pw-3")
     waiting.wait_for_passwords("pw-3", timeout=10)
-    time.sleep(1.5)  # the time a second restart would take
-    assert waiting.node.restarts() == 2  # start-up, then one restart for pw-2 and pw-3
+    wait_until(lambda: waiting.node.restarts() == 2, timeout=5)
+    time.sleep(2.0)  # longer than a second restart would take to start and end
+    # start-up, then one restart for pw-2 and pw-3 together
+    assert len(waiting.node.restart_attempts()) == 2
     assert_never_overlap(a.node, b.node)
 
 

@@ -33,7 +33,7 @@ from node_agent.kube.errors import (
     SourceError,
     WatchExpired,
 )
-from node_agent.kube.model import LeaseApi, ObjectRef, RequestTimeout
+from node_agent.kube.model import EventStream, LeaseApi, ObjectRef, RequestTimeout
 from node_agent.kube.secret_watch import Backoff
 from node_agent.restart_slots.leases import (
     Claim,
@@ -122,8 +122,12 @@ class SlotTiming:
     in the same second do not all ask the API at once."""
     longest_watch: float = 30.0
     """The slow poll: a Lease watch is reopened (after a fresh list) at least this often."""
-    conflict_backoff: float = 1.0
-    """After a 409, wait uniform(0, this) before reading the slots again."""
+    claim_spread: float = 0.1
+    """A freed slot seen on the watch is claimed after uniform(0, claim_spread): among many
+    waiting nodes the first wins within milliseconds, and the others see it and stay quiet."""
+    conflict_backoff: float = 0.1
+    """After a 409, wait uniform(0, this) before reading the slots again: long enough to
+    spread the nodes that lost the same race, short enough not to leave a slot idle."""
     retry_initial: float = 1.0
     retry_max: float = 30.0
     """Backoff between attempts while the API fails."""
@@ -131,6 +135,42 @@ class SlotTiming:
     """After a failed renewal or release, try again this soon."""
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
+
+
+class _FreedSlotRace:
+    """Every waiting node sees a freed slot at the same moment. Each claims one only after a
+    random head start, and not a slot the watch shows someone else took meanwhile: the
+    earliest node wins, the others stay quiet instead of each sending an update that would
+    get a 409 (a release would otherwise cost one request per waiting node)."""
+
+    def __init__(self, stream: EventStream, *, head_start: float) -> None:
+        self._stream = stream
+        self._head_start = head_start
+        self._timer: threading.Timer | None = None
+        self._freed: dict[str, Claim] = {}
+
+    @property
+    def claim(self) -> Claim | None:
+        """The slot to claim: the first freed one nobody has taken since."""
+        return next(iter(self._freed.values()), None)
+
+    def freed(self, claim: Claim) -> None:
+        self._freed[claim.slot] = claim
+        if self._timer is None:
+            # Ends the stream's blocked read when the head start is over: then claim.
+            self._timer = threading.Timer(self._head_start, self._stream.interrupt)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def taken(self, slot: str) -> None:
+        self._freed.pop(slot, None)
+        if not self._freed:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _utc_now() -> datetime:
@@ -330,7 +370,9 @@ class RestartSlots:
         )
         if isinstance(choice, NoSlot):
             self._api_answered()  # every slot is held: a normal wait
-            self._watch_slots(listing.resource_version, choice.retry_in)
+            freed = self._watch_slots(listing.resource_version, choice.retry_in, leases)
+            if freed is not None:
+                self._claim(freed)
         else:
             self._claim(choice)
 
@@ -377,8 +419,12 @@ class RestartSlots:
         self._reporter.restart_slot_acquired(lease.name, waited=waited)
         self._on_granted()
 
-    def _watch_slots(self, resource_version: str, retry_in: float) -> None:
-        """Block until a slot Lease changes, one may have been abandoned, or `longest_watch`."""
+    def _watch_slots(
+        self, resource_version: str, retry_in: float, leases: dict[str, SlotLease]
+    ) -> Claim | None:
+        """Wait until a slot is freed (the claim to make at once), or until one may have been
+        abandoned, its holder changed, the watch failed or `longest_watch` passed (None: list
+        again). Renewals only restart their slot's quiet time: waiting nodes stay asleep."""
         seconds = max(1, math.ceil(min(retry_in, self._timing.longest_watch)))
         try:
             stream = self._api.watch_leases(
@@ -388,26 +434,47 @@ class RestartSlots:
                 request_timeout=(self._timing.connect_timeout, seconds + self._timing.read_timeout),
             )
         except WatchExpired:
-            return  # list again
+            return None
         except SourceError as error:
             self._api_failed(error)
-            return
+            return None
         with self._changed:
             if self._state is not SlotState.WAITING or self._stopped:
                 stream.close()
-                return
+                return None
             self._stream_interrupt = stream.interrupt
+        race = _FreedSlotRace(stream, head_start=self._rng.uniform(0, self._timing.claim_spread))
         try:
-            slots = set(self._order)
-            for event in stream:
-                if event.name in slots:
-                    break
+            self._follow(stream, leases, race)
         except (SourceError, WatchExpired) as error:
-            log.debug("restart slots: watch ended (%s); listing again", error)
+            if race.claim is None:
+                log.debug("restart slots: watch ended (%s); listing again", error)
         finally:
+            race.cancel()
             with self._changed:
                 self._stream_interrupt = None
             stream.close()
+        return race.claim
+
+    def _follow(
+        self, stream: EventStream, leases: dict[str, SlotLease], race: "_FreedSlotRace"
+    ) -> None:
+        """Read slot changes until the stream ends (by the server, or by `race`)."""
+        for event in stream:
+            if event.name not in leases or event.type == "BOOKMARK":
+                continue
+            if event.type == "DELETED":
+                race.freed(Claim("create", event.name))
+                continue
+            lease = SlotLease.parse(event.object)
+            if lease is None:
+                continue
+            if lease.holder is None:
+                race.freed(Claim("take", lease.name, lease))
+                continue
+            race.taken(lease.name)
+            leases[lease.name] = lease
+            self._quiet.observe_one(lease, self._clock())
 
     def _api_failed(self, error: SourceError) -> None:
         now = self._clock()

@@ -85,12 +85,17 @@ class QuietTimer:
         self._seen: dict[str, tuple[str, float]] = {}
 
     def observe(self, leases: Mapping[str, SlotLease], now: float) -> None:
-        for name, lease in leases.items():
-            seen = self._seen.get(name)
-            if seen is None or seen[0] != lease.resource_version:
-                self._seen[name] = (lease.resource_version, now)
+        """Every slot as just listed (a slot not in `leases` is gone)."""
+        for lease in leases.values():
+            self.observe_one(lease, now)
         for gone in set(self._seen) - set(leases):
             del self._seen[gone]
+
+    def observe_one(self, lease: SlotLease, now: float) -> None:
+        """A change of one slot seen on a watch (the others are unchanged)."""
+        seen = self._seen.get(lease.name)
+        if seen is None or seen[0] != lease.resource_version:
+            self._seen[lease.name] = (lease.resource_version, now)
 
     def quiet_for(self, lease: SlotLease, now: float) -> float:
         """Seconds `lease` has shown this resourceVersion (0 if it was never observed)."""
