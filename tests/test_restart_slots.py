@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -20,7 +20,7 @@ from kubeapi import KubeApiServer
 
 from node_agent.kube.client import KubeApi
 from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotState, SlotTiming
-from node_agent.restart_slots.leases import new_lease
+from node_agent.restart_slots.leases import new_lease, slot_order
 
 NS = "node-agent"
 FAST = SlotTiming(
@@ -110,6 +110,7 @@ def make_agent(kube_api: KubeApiServer) -> Iterator[AgentFactory]:
         settle: float = 0.0,
         max_wait: float = 600.0,
         wall_offset: timedelta = timedelta(0),
+        timing: SlotTiming = FAST,
     ) -> Agent:
         assert kube_api.kubeconfig_path is not None
         api = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path, environ={})
@@ -127,7 +128,7 @@ def make_agent(kube_api: KubeApiServer) -> Iterator[AgentFactory]:
             ),
             reporter=reports,
             on_granted=granted.set,
-            timing=FAST,
+            timing=timing,
             wall_clock=lambda: datetime.now(UTC) + wall_offset,
             rng=random.Random(node),
         )
@@ -282,6 +283,35 @@ class TestSharingSlots:
         assert sorted({c.new_holder for c in acquired}) == sorted(a.node for a in agents)
         wait_until(lambda: all(a.slots.state is SlotState.IDLE for a in agents))
 
+    def test_a_released_slot_draws_few_claims_and_waiting_nodes_ignore_renewals(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        long_watch = replace(FAST, longest_watch=30.0)
+        first = make_agent("node-first", ttl=6.0, timing=long_watch)  # renews every 2 s
+        first.slots.request()
+        first.wait_for_slot()
+        waiting = [make_agent(f"node-{i}", ttl=6.0, timing=long_watch) for i in range(10)]
+        for agent in waiting:
+            agent.slots.request()
+        wait_until(lambda: all(a.reports.pending == 1 for a in waiting))
+        time.sleep(0.3)
+        kube_api.clear_requests()
+        time.sleep(2.5)  # a renewal, well before the slot could expire
+        assert kube_api.requests(verb="update", plural="leases")
+        assert kube_api.requests(verb="list", plural="leases") == []
+        holder_now = first
+        for _ in range(3):
+            kube_api.clear_requests()
+            holder_now.restarted()
+            wait_until(lambda: sum(a.granted.is_set() for a in waiting) == 1)
+            holder_now = next(a for a in waiting if a.granted.is_set())
+            holder_now.wait_for_slot()
+            waiting.remove(holder_now)
+            claims = kube_api.requests(verb="update", plural="leases")
+            # Without the head start every waiting node would claim (10, 9, 8); allow some
+            # that fire before the winner's change reaches them, and the renewals.
+            assert len(claims) <= len(waiting) // 2 + 2, len(claims)
+
 
 class TestAbandonedSlots:
     def test_a_slot_is_taken_from_a_silent_holder_only_after_its_ttl(
@@ -400,7 +430,7 @@ class TestApiOutages:
     ) -> None:
         kube_api.fail_next(403, times=1, verb="create")  # e.g. RBAC naming only some slots
         agent = make_agent("node-a", concurrency=2)
-        first_choice = agent.slots._order[0]  # noqa: SLF001 - the slot this node tries first
+        first_choice = slot_order("node-a", 2)[0]
         agent.slots.request()
         agent.wait_for_slot(timeout=5.0)
         assert agent.slots.held_slot not in (None, first_choice)
