@@ -90,6 +90,9 @@ class Agent:
         self.granted.clear()
         assert self.slots.may_restart()
 
+    def state(self) -> SlotState:
+        return self.slots.state
+
     def restarted(self, result: str = "success") -> None:
         self.slots.pass_done(restart=result, containerd_in_sync=result == "success", failed=False)
 
@@ -169,12 +172,12 @@ class TestOneNode:
         agent.slots.request()
         agent.wait_for_slot()
         agent.restarted("success")
-        assert agent.slots.state is SlotState.SETTLING
+        assert agent.state() is SlotState.SETTLING
         assert not agent.slots.may_restart()
         time.sleep(0.3)
         assert holder(kube_api) == "node-a"
         wait_until(lambda: holder(kube_api) is None)
-        assert agent.slots.state is SlotState.IDLE
+        assert agent.state() is SlotState.IDLE
 
     def test_the_slot_is_renewed_while_held(
         self, kube_api: KubeApiServer, make_agent: AgentFactory
@@ -196,7 +199,7 @@ class TestOneNode:
         agent.slots.request()
         wait_until(lambda: agent.reports.pending == 1)
         agent.slots.pass_done(restart=None, containerd_in_sync=True, failed=False)
-        assert agent.slots.state is SlotState.IDLE
+        assert agent.state() is SlotState.IDLE
         assert agent.reports.pending == 0
         other.restarted()
         time.sleep(0.5)
@@ -281,7 +284,7 @@ class TestSharingSlots:
         assert most_at_once <= 3
         acquired = [c for c in kube_api.slot_timeline(NS) if c.kind in ("acquire", "takeover")]
         assert sorted({c.new_holder for c in acquired}) == sorted(a.node for a in agents)
-        wait_until(lambda: all(a.slots.state is SlotState.IDLE for a in agents))
+        wait_until(lambda: all(a.state() is SlotState.IDLE for a in agents))
 
     def test_a_released_slot_draws_few_claims_and_waiting_nodes_ignore_renewals(
         self, kube_api: KubeApiServer, make_agent: AgentFactory
@@ -357,7 +360,7 @@ class TestFailedRestarts:
         bad.slots.request()
         bad.wait_for_slot()
         bad.restarted("rolled_back")
-        assert bad.slots.state is SlotState.KEPT
+        assert bad.state() is SlotState.KEPT
         assert bad.slots.may_restart()  # its next attempt needs no new slot
         assert bad.reports.calls[-1] == "kept node-agent-restart-0"
         next_node.slots.request()
@@ -376,7 +379,7 @@ class TestFailedRestarts:
         next_node.slots.request()
         kube_api.release_lease(NS, "node-agent-restart-0")
         next_node.wait_for_slot(timeout=5.0)
-        wait_until(lambda: bad.slots.state is SlotState.IDLE)
+        wait_until(lambda: bad.state() is SlotState.IDLE)
         assert "lost node-agent-restart-0 to node-b" in bad.reports.calls or (
             "lost node-agent-restart-0 to None" in bad.reports.calls
         )
@@ -390,7 +393,7 @@ class TestFailedRestarts:
         bad.wait_for_slot()
         bad.restarted("rolled_back")
         bad.slots.pass_done(restart=None, containerd_in_sync=False, failed=True)
-        assert bad.slots.state is SlotState.KEPT
+        assert bad.state() is SlotState.KEPT
         bad.slots.pass_done(restart=None, containerd_in_sync=True, failed=False)
         wait_until(lambda: holder(kube_api) is None)
 
@@ -406,11 +409,11 @@ class TestApiOutages:
         agent.wait_for_slot(timeout=10.0)
         # max-wait, plus this node's place in the spread (under one TTL)
         assert 1.0 <= time.monotonic() - started < 1.0 + 1.0 + 1.0
-        assert agent.slots.state is SlotState.UNCOORDINATED
+        assert agent.state() is SlotState.UNCOORDINATED
         assert "failed open" in agent.reports.calls
         kube_api.set_outage(False)
         agent.restarted()
-        assert agent.slots.state is SlotState.IDLE
+        assert agent.state() is SlotState.IDLE
 
     def test_a_shorter_outage_waits_for_the_api(
         self, kube_api: KubeApiServer, make_agent: AgentFactory
@@ -422,7 +425,7 @@ class TestApiOutages:
         assert not agent.granted.is_set()
         kube_api.set_outage(False)
         agent.wait_for_slot(timeout=5.0)
-        assert agent.slots.state is SlotState.HOLDING
+        assert agent.state() is SlotState.HOLDING
         assert holder(kube_api) == "node-a"
 
     def test_a_slot_that_cannot_be_claimed_is_tried_last(
@@ -442,4 +445,4 @@ class TestApiOutages:
         agent = make_agent("node-a", ttl=1.0, max_wait=1.0)
         agent.slots.request()
         agent.wait_for_slot(timeout=10.0)
-        assert agent.slots.state is SlotState.UNCOORDINATED
+        assert agent.state() is SlotState.UNCOORDINATED
