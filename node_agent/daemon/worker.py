@@ -331,7 +331,7 @@ class Worker:
 
     def _current_fingerprints(self) -> dict[Path, Fingerprint | str]:
         """What the files hold now (after a failed pass, whose writes are unknown)."""
-        paths = [node_file.path.resolve() for node_file in self._targets.files]
+        paths = [_resolved(node_file.path) for node_file in self._targets.files]
         return {path: read_fingerprint(path) for path in paths} | self._state_fingerprint()
 
     def _state_fingerprint(self) -> dict[Path, Fingerprint | str]:
@@ -347,3 +347,13 @@ class Worker:
             log.info("waiting for a first good read of %s before reconciling", ", ".join(waiting))
             self._last_waiting = waiting
         self._readiness.update()
+
+
+def _resolved(path: Path) -> Path:
+    """`path` with links followed, as passes key their fingerprints; as given when that is
+    impossible (a symlink loop raises RuntimeError on Python 3.11): `read_fingerprint` then
+    reports the loop."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return path
