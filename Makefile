@@ -97,7 +97,9 @@ lock:
 	rm -rf build/lock-venv
 
 # The reliability campaigns of RELIABILITY.md at full size (crash, I/O faults, bad input,
-# containerd failure, leak audit). `make test` runs the same campaigns with reduced counts.
+# containerd failure, leak audit, and the daemon's: API faults, concurrent writers, I/O
+# faults, one restart attempt per interval; tests/test_campaign_daemon_*.py). `make test`
+# runs the same campaigns with reduced counts.
 .PHONY: reliability
 reliability: install system-deps
 	NODE_AGENT_CAMPAIGN_SCALE=full $(PY) -m pytest tests/test_campaign_*.py \

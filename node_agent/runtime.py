@@ -254,12 +254,16 @@ def wait_for_cri(
     poll_interval: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    budget: float | None = None,
 ) -> RuntimeVersion:
     """Poll CRI ``Version`` until it answers; raise :class:`ReloadFailed` after ``timeout``.
 
     Only a successful ``Version`` counts: an open socket, or a gRPC server that answers
     ``UNIMPLEMENTED`` (containerd running with its CRI plugin failed to load), does not.
-    It always asks at least once, even when ``timeout`` is already used up.
+    It always asks at least once, even when ``timeout`` is already used up. The error names
+    ``budget`` (default ``timeout``): a caller that spent part of its budget on the restart
+    passes the whole of it, so the same failure reads the same every time (one Event, one
+    log line) rather than with the seconds that happened to be left.
     """
     deadline = clock() + timeout
     with CriClient(socket_path) as cri:
@@ -275,8 +279,9 @@ def wait_for_cri(
             if remaining <= 0:
                 break
             sleep(min(poll_interval, remaining))
+    named = timeout if budget is None else budget
     raise ReloadFailed(
-        f"CRI on {socket_path} did not answer Version within {timeout:g}s (last: {last_error})"
+        f"CRI on {socket_path} did not answer Version within {named:g}s (last: {last_error})"
     )
 
 
@@ -289,7 +294,7 @@ def restart_and_check(restarter: Restarter, *, socket_path: str, timeout: float)
     started = time.monotonic()
     restarter.restart(timeout=timeout)
     remaining = timeout - (time.monotonic() - started)
-    return wait_for_cri(socket_path, timeout=max(remaining, 0.0))
+    return wait_for_cri(socket_path, timeout=max(remaining, 0.0), budget=timeout)
 
 
 # --- choosing a strategy --------------------------------------------------------------------

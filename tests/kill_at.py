@@ -12,9 +12,10 @@ nothing is killed: the hook counts how often each point is reached and writes, a
 knows every version a clean run writes.
 
 The points are the steps of a write and of a restart: the system calls of `atomic.py`
-(`os.open`, `os.fchmod`, `os.write`, `os.fsync`, `os.close`, `os.rename`, `os.unlink`) and
-the agent functions around them (state save, file replace, stale temp cleanup, rollback,
-the restart command, the CRI health check).
+(`os.open`, `os.fchmod`, `os.write`, `os.fsync`, `os.close`, `os.rename`, `os.unlink`; a node
+file is put in place by `atomic._exchange`, renameat2 through ctypes, which the hook sees as
+a function) and the agent functions around them (state save, file replace, stale temp
+cleanup, rollback, the restart command, the CRI health check).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "StateStore.save": StateStore.save,
     "replace_file": atomic.replace_file,
+    "atomic._exchange": atomic._exchange,
     "remove_stale_temps": atomic.remove_stale_temps,
     "roll_back": reconcile._roll_back,
     "restart command": runtime.CommandRestarter.restart,
@@ -82,11 +84,12 @@ class Hook:
         self.counts[point] += 1
         if self.kill_at == (point, self.counts[point]):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.kill_at is None and point == "before:os.rename":
+        if self.kill_at is None and point in ("before:os.rename", "before:atomic._exchange"):
             self._record_rename(frame)
 
     def _record_rename(self, frame: FrameType) -> None:
-        # The caller is atomic._rename(temp, target).
+        # The frame is atomic._exchange(temp, target, ...) or the caller of os.rename,
+        # atomic._rename(temp, target).
         temp, target = frame.f_locals.get("temp"), frame.f_locals.get("target")
         if isinstance(temp, Path) and isinstance(target, Path):
             digest = hashlib.sha256(temp.read_bytes()).hexdigest()

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from node_agent.atomic import read_snapshot
 from node_agent.credentials import Credentials
+from node_agent.errors import WriteFailed
 from node_agent.reconcile import Outcome, PreparedFile
 
 Fingerprint = bytes | None
@@ -24,13 +26,13 @@ def fingerprint(content: bytes | None) -> Fingerprint:
 
 
 def read_fingerprint(path: Path) -> Fingerprint | str:
-    """The file's fingerprint, or why it cannot be read (never equal to a fingerprint)."""
+    """The file's fingerprint, or why it cannot be read (never equal to a fingerprint). Never
+    waits: a FIFO (or anything else that is not a regular file) where a node file should be
+    is reported like a directory, not opened for a read that blocks until a writer comes."""
     try:
-        return fingerprint(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        return f"unreadable: {error.strerror}"
+        return fingerprint(read_snapshot(path).content)
+    except WriteFailed as error:
+        return f"unreadable: {error}"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """What the daemon tells the outside: metrics, Kubernetes Events on the Node, readiness.
 
 Event messages name registries, sources and files, never credential values: the registry
-keys come from the plans, the problems from `InvalidCredentials` / `ReloadFailed`, whose
-messages carry no values by construction.
+keys come from the plans, the problems from `InvalidCredentials` / `ReloadFailed` and the
+other `NodeAgentError`s of a failed pass, whose messages carry no values by construction.
 """
 
 import logging
@@ -25,6 +25,7 @@ APPLIED = "RegistryCredentialsApplied"
 DRIFT_REPAIRED = "RegistryCredentialsDriftRepaired"
 INVALID = "RegistryCredentialsInvalid"
 ROLLED_BACK = "ContainerdRestartRolledBack"
+RECONCILE_FAILED = "RegistryCredentialsReconcileFailed"
 
 
 class EventSink(Protocol):
@@ -119,6 +120,11 @@ class DaemonReporter:
         self._report_writes(report.writes)
         if report.restart == "rolled_back":
             self._events.record(ROLLED_BACK, rolled_back_message(report.error), type="Warning")
+        elif report.result == "error":
+            # The same error on every retry is the same Event: the recorder bumps its count.
+            self._events.record(
+                RECONCILE_FAILED, reconcile_failed_message(report.error), type="Warning"
+            )
 
     def source_changed(self, change: SourceChange) -> None:
         if change.new_problem is not None:
@@ -156,6 +162,12 @@ class DaemonReporter:
 def describe_writes(writes: Sequence[TargetWrite]) -> str:
     """`/etc/containerd/config.toml: a.example, b.example; /var/lib/...: ...` (no values)."""
     return "; ".join(f"{write.path}: {', '.join(write.registries)}" for write in writes)
+
+
+def reconcile_failed_message(error: str | None) -> str:
+    """The one-line error of a failed pass (it names files and causes, never values)."""
+    one_line = " ".join((error or "no detail").splitlines())
+    return f"reconcile failed: {one_line}; retrying with backoff"
 
 
 def rolled_back_message(error: str | None) -> str:
