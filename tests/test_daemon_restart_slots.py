@@ -126,9 +126,9 @@ def test_two_nodes_with_one_slot_take_turns_and_both_end_updated(
         assert agent.metric("node_agent_in_sync", target="containerd") == 1
 
 
-def test_the_waiting_node_applies_config_json_at_once_and_says_it_waits(
-    kube_api: KubeApiServer, start_node: StartNode
-) -> None:
+def slow_rollout(kube_api: KubeApiServer, start_node: StartNode) -> tuple[Agent, Agent]:
+    """Two nodes whose restarts take 1.5 s, started on pw-1 and given pw-2: the node that
+    holds the slot, and the one that waits for it (its config.json already says pw-2)."""
     create_secret(kube_api, "pw-1")
     a, b = start_node("node-a", restart_seconds=1.5), start_node("node-b", restart_seconds=1.5)
     wait_until(lambda: a.node.restarts() == 1 and b.node.restarts() == 1, timeout=15)
@@ -137,6 +137,13 @@ def test_the_waiting_node_applies_config_json_at_once_and_says_it_waits(
     wait_until(lambda: holder(kube_api) is not None, timeout=5)
     first, waiting = (a, b) if holder(kube_api) == "node-a" else (b, a)
     wait_until(lambda: waiting.node.kubelet_password() == "pw-2", timeout=2)
+    return first, waiting
+
+
+def test_the_waiting_node_applies_config_json_at_once_and_says_it_waits(
+    kube_api: KubeApiServer, start_node: StartNode
+) -> None:
+    first, waiting = slow_rollout(kube_api, start_node)
     assert waiting.node.containerd_password() == "pw-1"  # its containerd waits its turn
     wait_until(lambda: waiting.metric("node_agent_restart_pending") == 1, timeout=2)
     assert waiting.metric("node_agent_in_sync", target="kubelet") == 1
@@ -147,27 +154,20 @@ def test_the_waiting_node_applies_config_json_at_once_and_says_it_waits(
     wait_until(lambda: waiting.node.restarts() == 2, timeout=5)
     assert waiting.metric("node_agent_restart_pending") == 0
     assert len(queued_events(kube_api, waiting.node.root.name)) == 1
-    assert_never_overlap(a.node, b.node)
+    assert_never_overlap(first.node, waiting.node)
 
 
 def test_changes_during_the_wait_become_one_restart_with_the_newest(
     kube_api: KubeApiServer, start_node: StartNode
 ) -> None:
-    create_secret(kube_api, "pw-1")
-    a, b = start_node("node-a", restart_seconds=1.5), start_node("node-b", restart_seconds=1.5)
-    wait_until(lambda: a.node.restarts() == 1 and b.node.restarts() == 1, timeout=15)
-    wait_until(lambda: holder(kube_api) is None, timeout=5)
-    update_secret(kube_api, "pw-2")
-    wait_until(lambda: holder(kube_api) is not None, timeout=5)
-    waiting = b if holder(kube_api) == "node-a" else a
-    wait_until(lambda: waiting.node.kubelet_password() == "pw-2", timeout=2)
+    first, waiting = slow_rollout(kube_api, start_node)
     update_secret(kube_api, "pw-3")
     waiting.wait_for_passwords("pw-3", timeout=10)
     wait_until(lambda: waiting.node.restarts() == 2, timeout=5)
     time.sleep(2.0)  # longer than a second restart would take to start and end
     # start-up, then one restart for pw-2 and pw-3 together
     assert len(waiting.node.restart_attempts()) == 2
-    assert_never_overlap(a.node, b.node)
+    assert_never_overlap(first.node, waiting.node)
 
 
 def test_a_restart_that_fails_keeps_the_slot_and_stops_the_rollout(
