@@ -114,6 +114,4 @@ class AgentMetrics:
 
     def metric_names(self) -> set[str]:
         """Every sample name this registry exports (for checking alert rules against)."""
-        return {
-            sample.name for family in self.registry.collect() for sample in family.samples
-        }
+        return {sample.name for family in self.registry.collect() for sample in family.samples}

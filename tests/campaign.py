@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -261,7 +261,7 @@ class NodeTree:
     @classmethod
     def create(
         cls, root: Path, *, toml: str | None = FOREIGN_TOML, json_text: str | None = FOREIGN_JSON
-    ) -> NodeTree:
+    ) -> Self:
         node = cls(root)
         for path, text in ((node.config_toml, toml), (node.config_json, json_text)):
             path.parent.mkdir(parents=True, exist_ok=True)

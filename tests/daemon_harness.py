@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from campaign import NodeTree
 from kubeapi import KubeApiServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,23 +73,9 @@ def dockerconfig(password: str, registry: str = REGISTRY) -> dict[str, bytes]:
     return {".dockerconfigjson": json.dumps(document).encode()}
 
 
-@dataclass
-class Node:
-    """A node's files in tmp_path, with a foreign entry in each."""
-
-    root: Path
-
-    @property
-    def config_toml(self) -> Path:
-        return self.root / "etc/containerd/config.toml"
-
-    @property
-    def config_json(self) -> Path:
-        return self.root / "var/lib/kubelet/config.json"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "var/lib/node-agent"
+@dataclass(frozen=True)
+class Node(NodeTree):
+    """A node's files in tmp_path, with a foreign entry in each, and its restart log."""
 
     @property
     def restart_log(self) -> Path:
@@ -109,14 +96,11 @@ class Node:
         return [float(line) for line in starts.read_text().split()] if starts.exists() else []
 
     @classmethod
-    def create(cls, root: Path) -> Node:
-        """A node tree under `root` with a foreign entry in each file."""
-        node = cls(root)
-        node.config_toml.parent.mkdir(parents=True)
-        node.config_json.parent.mkdir(parents=True)
-        node.config_toml.write_text(FOREIGN_TOML)
-        node.config_json.write_text(FOREIGN_JSON)
-        return node
+    def create(
+        cls, root: Path, *, toml: str | None = FOREIGN_TOML, json_text: str | None = FOREIGN_JSON
+    ) -> Node:
+        """A node tree under `root` with these tests' foreign entry in each file."""
+        return super().create(root, toml=toml, json_text=json_text)
 
     def containerd_password(self, registry: str = REGISTRY) -> str | None:
         if not self.config_toml.exists():
@@ -135,9 +119,6 @@ class Node:
 
     def passwords(self) -> tuple[str | None, str | None]:
         return self.containerd_password(), self.kubelet_password()
-
-    def temp_files(self) -> list[Path]:
-        return [p for p in self.root.rglob("*") if ".node-agent-" in p.name]
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 3.0, what: str = "") -> float:

@@ -66,7 +66,7 @@ class Reports:
         self.calls.append("failed open")
         self.pending = 0
 
-    def restart_slot_kept(self, slot: str) -> None:
+    def restart_slot_kept(self, slot: str, *, namespace: str) -> None:
         self.calls.append(f"kept {slot}")
 
     def restart_slot_released(self, slot: str) -> None:

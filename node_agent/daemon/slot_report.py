@@ -18,10 +18,8 @@ class SlotEvents:
     def __init__(self, *, metrics: AgentMetrics, events: EventSink) -> None:
         self._metrics = metrics
         self._events = events
-        self._namespace = ""
 
     def restart_queued(self, *, slots: int, namespace: str) -> None:
-        self._namespace = namespace
         self._metrics.restart_pending.set(1)
         self._events.record(
             QUEUED,
@@ -44,14 +42,14 @@ class SlotEvents:
             type="Warning",
         )
 
-    def restart_slot_kept(self, slot: str) -> None:
+    def restart_slot_kept(self, slot: str, *, namespace: str) -> None:
         self._events.record(
             SLOT_KEPT,
             f"containerd was not healthy with the new config.toml; keeping restart slot {slot} "
             "so the change stops here instead of spreading to other nodes. A later change that "
             "restarts healthy releases it; to let the rollout go on anyway, clear the Lease's "
-            f"holderIdentity: kubectl -n {self._namespace} patch lease {slot} --type merge "
-            "-p '{\"spec\":{\"holderIdentity\":null}}'",
+            f"holderIdentity: kubectl -n {namespace} patch lease {slot} --type merge "
+            '-p \'{"spec":{"holderIdentity":null}}\'',
             type="Warning",
         )
 

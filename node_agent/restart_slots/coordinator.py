@@ -85,7 +85,7 @@ class SlotReporter(Protocol):
 
     def restart_failed_open(self, *, unreachable_for: float, problem: str) -> None: ...
 
-    def restart_slot_kept(self, slot: str) -> None: ...
+    def restart_slot_kept(self, slot: str, *, namespace: str) -> None: ...
 
     def restart_slot_released(self, slot: str) -> None: ...
 
@@ -295,7 +295,8 @@ class RestartSlots:
             self._settle_until(now + self.config.settle)
         elif restart is not None:
             self._state = SlotState.KEPT
-            return lambda: self._reporter.restart_slot_kept(held.name)
+            namespace = self.config.namespace
+            return lambda: self._reporter.restart_slot_kept(held.name, namespace=namespace)
         elif in_sync or (failed and state is SlotState.HOLDING):
             # Nothing restarted: the change needs no restart any more, or the pass failed
             # before restarting (a node-file problem of this node, not a bad change).
