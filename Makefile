@@ -1,20 +1,25 @@
 # node-agent developer commands. Everything runs from a virtualenv in .venv that `install`
 # creates; `test` also installs the Debian packages the integration tests drive (as root).
 
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PYTEST_ARGS ?=
+# The venv is built from the locked versions (pip constraints), so every run of `make test`
+# and CI tests the same set; `make test-latest` empties this to try the newest releases
+# pyproject.toml allows.
+CONSTRAINTS ?= -c requirements.lock -c requirements-test.lock
 
-.PHONY: install system-deps demo test unit integration lint bench clean
+.PHONY: install system-deps demo test test-latest unit integration lint bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-test.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --upgrade $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 # containerd, docker-registry, htpasswd and dbus-daemon for the integration tests.
@@ -39,11 +44,21 @@ integration: install system-deps
 test: install system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole suite on the newest releases pyproject.toml allows, in a venv of its own, resolved
+# anew on every run: a breaking release fails this target, not main. Not part of CI.
+test-latest:
+	rm -f .venv-latest/.installed
+	$(MAKE) install VENV=.venv-latest CONSTRAINTS=
+	@echo "test-latest: versions that differ from the locks:"
+	@.venv-latest/bin/python -m pip freeze --exclude node-agent \
+	  | grep -v -i -x -F -f <(sed -n '/^[^#]/p' requirements.lock requirements-test.lock) || true
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
 bench: install
 	$(PY) bench/reconcile_bench.py
 
 clean:
-	rm -rf $(VENV) demo-node build *.egg-info
+	rm -rf $(VENV) .venv-latest demo-node build *.egg-info
 
 # ---- container image and cluster manifests ------------------------------------------------
 # make image                     build the image (needs docker or podman: CONTAINER_ENGINE=podman)
@@ -85,7 +100,8 @@ deploy: manifests
 	$(KUBECTL) apply -f $(MANIFESTS)
 	$(KUBECTL) --namespace node-agent rollout status daemonset/node-agent --timeout=10m
 
-# Exact versions of the runtime dependencies: install the project into a fresh venv, freeze.
+# Exact versions: the runtime dependencies (install the project into a fresh venv, freeze),
+# then the test tools on top of those (freeze again, keep what is new).
 lock:
 	rm -rf build/lock-venv
 	$(PYTHON) -m venv build/lock-venv
@@ -93,7 +109,12 @@ lock:
 	build/lock-venv/bin/python -m pip install --quiet .
 	{ sed -n '/^#/p' requirements.lock; \
 	  build/lock-venv/bin/python -m pip freeze --exclude node-agent; } > requirements.lock.new
+	build/lock-venv/bin/python -m pip install --quiet -c requirements.lock.new '.[test]'
+	{ sed -n '/^#/p' requirements-test.lock; \
+	  build/lock-venv/bin/python -m pip freeze --exclude node-agent \
+	    | grep -v -i -x -F -f <(sed -n '/^[^#]/p' requirements.lock.new); } > requirements-test.lock.new
 	mv requirements.lock.new requirements.lock
+	mv requirements-test.lock.new requirements-test.lock
 	rm -rf build/lock-venv
 
 # The reliability campaigns of RELIABILITY.md at full size (crash, I/O faults, bad input,

@@ -14,7 +14,7 @@ from typing import Any
 
 from node_agent import app
 from node_agent.demo import demo_command
-from node_agent.errors import NodeAgentError
+from node_agent.errors import NodeAgentError, unexpected
 from node_agent.kube.model import ObjectRef
 from node_agent.logs import configure_logging
 from node_agent.settings import (
@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser.parse_args(argv)
     if args.command == "demo":
         configure_logging(log_format="text", level="warning")
-        return _run(lambda: demo_command(args.dir, sys.stdout))
+        return _run(lambda: demo_command(args.dir, sys.stdout), name="running the demo")
     if args.command == "run":
         return _run_daemon(parser, args)
     try:
@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         parser.error("at least one --secret-file or --fallback-secret-file is needed")
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     command = app.reconcile_command if args.command == "reconcile" else app.check_command
-    return _run(lambda: command(settings, sys.stdout))
+    return _run(lambda: command(settings, sys.stdout), name=f"running {args.command}")
 
 
 def _run_daemon(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -451,13 +451,16 @@ def _run_daemon(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     # Imported here: `reconcile` and `check` need neither watchdog nor the daemon.
     from node_agent.daemon.run import run_daemon  # noqa: PLC0415
 
-    return _run(lambda: run_daemon(settings))
+    return _run(lambda: run_daemon(settings), name="running the daemon")
 
 
-def _run(command: Any) -> int:
+def _run(command: Any, *, name: str) -> int:
     try:
         code: int = command()
     except NodeAgentError as error:
         print(f"node-agent: error: {error}", file=sys.stderr)
+        return app.EXIT_ERROR
+    except Exception as error:
+        print(f"node-agent: error: {unexpected(error, doing=name)}", file=sys.stderr)
         return app.EXIT_ERROR
     return code

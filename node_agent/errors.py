@@ -4,6 +4,11 @@ No message ever contains a credential value: callers pass registry names, source
 and field names only.
 """
 
+import logging
+import traceback
+
+log = logging.getLogger(__name__)
+
 
 class NodeAgentError(Exception):
     """Base of every error the agent reports to the operator."""
@@ -38,3 +43,20 @@ class WriteFailed(NodeAgentError):
 
 class ReloadFailed(NodeAgentError):
     """containerd did not come back healthy after a restart."""
+
+
+class InternalError(NodeAgentError):
+    """An exception the agent did not expect: a bug. The message says what the agent was
+    doing; where it happened is logged at debug level."""
+
+
+def unexpected(error: BaseException, *, doing: str) -> InternalError:
+    """`error` as a one-line InternalError. The stack goes to the debug log without the
+    exception's own message, which may quote the input (a credential, say)."""
+    kind = type(error).__name__
+    stack = "".join(traceback.format_tb(error.__traceback__))
+    log.debug("unexpected %s while %s, at:\n%s", kind, doing, stack.rstrip())
+    return InternalError(
+        f"unexpected {kind} while {doing}; this is a bug in node-agent: please report it "
+        "with the stack that --log-level debug logs"
+    )

@@ -14,7 +14,12 @@ from typing import Protocol
 
 from node_agent.atomic import FileSnapshot, read_snapshot, remove_stale_temps, replace_file
 from node_agent.credentials import Credentials
-from node_agent.errors import ConcurrentModification, ReloadFailed, UnsupportedConfig
+from node_agent.errors import (
+    ConcurrentModification,
+    ReloadFailed,
+    UnsupportedConfig,
+    unexpected,
+)
 from node_agent.ownership import AgentState, LastGood, StateStore
 from node_agent.plan import Owned, TargetPlan, owned_while_writing, plan_target
 from node_agent.targets import Entry, FormatError, NodeFileFormat, Skip
@@ -171,6 +176,9 @@ class Reconciler:
             new_text = node_file.format.render(old_text, plan.updates) if plan.updates else old_text
         except FormatError as error:
             raise UnsupportedConfig(str(node_file.path), str(error)) from None
+        except Exception as error:
+            doing = f"editing the {node_file.name} file {node_file.path}"
+            raise unexpected(error, doing=doing) from None
         return PreparedFile(node_file, snapshot, old_text, new_text, plan, len(desired))
 
     def _restart_or_roll_back(self, written: Sequence[PreparedFile], during: AgentState) -> None:

