@@ -15,6 +15,7 @@ from typing import Any
 from node_agent import app
 from node_agent.demo import demo_command
 from node_agent.errors import NodeAgentError, unexpected
+from node_agent.escaping import printable
 from node_agent.kube.model import ObjectRef
 from node_agent.logs import configure_logging
 from node_agent.settings import (
@@ -458,7 +459,7 @@ def _run(command: Any, *, name: str) -> int:
     try:
         code: int = command()
     except NodeAgentError as error:
-        print(f"node-agent: error: {error}", file=sys.stderr)
+        print(f"node-agent: error: {printable(str(error))}", file=sys.stderr)
         return app.EXIT_ERROR
     except Exception as error:
         print(f"node-agent: error: {unexpected(error, doing=name)}", file=sys.stderr)

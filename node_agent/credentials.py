@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from node_agent.errors import InvalidCredentials
+from node_agent.escaping import shown_key
 
 #: The one name the agent uses for Docker Hub, whatever alias a Secret spells it with.
 DOCKER_HUB = "docker.io"
@@ -29,7 +30,10 @@ SECRET_KEY_BY_TYPE = {
 
 # host[:port] after scheme and path are gone: DNS labels (kubelet also allows `*` labels),
 # an IPv4 address, or a bracketed IPv6 address.
-_HOST_PATTERN = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9*]([a-z0-9*._-]*[a-z0-9*])?)(:[0-9]{1,5})?$")
+_HOST_PATTERN = re.compile(
+    r"^(\[[0-9a-f:.]+\]|[a-z0-9*]([a-z0-9*._-]*[a-z0-9*])?)(:(?P<port>[0-9]{1,5}))?$"
+)
+_MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,16 @@ def normalise_registry(key: str) -> str:
     host = host.split("/", 1)[0]
     if not host:
         raise ValueError("empty registry host")
+    if "@" in host:
+        raise ValueError("user:password@ before the host; credentials belong in the entry")
     # ASCII first: str.lower() maps some other letters to ASCII ones (KELVIN SIGN → "k").
     host = host.lower() if host.isascii() else ""
     # fullmatch: `$` alone also matches before a trailing newline.
-    if not _HOST_PATTERN.fullmatch(host):
+    match = _HOST_PATTERN.fullmatch(host)
+    if not match:
         raise ValueError("not a valid registry host[:port]")
+    if match["port"] is not None and not 0 < int(match["port"]) <= _MAX_PORT:
+        raise ValueError(f"port out of range (1-{_MAX_PORT})")
     return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
 
 
@@ -142,7 +151,9 @@ def _parse_auth_map(source: str, path: str, auth_map: Any) -> Credentials:
     credentials: Credentials = {}
     spelling: dict[str, str] = {}
     for key, entry in auth_map.items():
-        field_path = f'{path}["{key}"]' if path else f'["{key}"]'
+        # Keys are shown escaped and without `user:password@`: they come from the input.
+        shown = shown_key(key) if isinstance(key, str) else repr(key)
+        field_path = f'{path}["{shown}"]' if path else f'["{shown}"]'
         registry = _registry_from_key(source, field_path, key)
         auth = parse_entry(source, field_path, entry)
         if registry in credentials and credentials[registry] != auth:
@@ -152,7 +163,7 @@ def _parse_auth_map(source: str, path: str, auth_map: Any) -> Credentials:
                 f'a different credential for the same registry as ["{spelling[registry]}"]',
             )
         credentials[registry] = auth
-        spelling.setdefault(registry, str(key))
+        spelling.setdefault(registry, shown)
     return credentials
 
 
@@ -172,6 +183,11 @@ def parse_entry(source: str, field_path: str, entry: Any) -> RegistryAuth:
     for name in ("auth", "username", "password", "identitytoken"):
         if name in entry and not isinstance(entry[name], str):
             raise InvalidCredentials(source, f"{field_path}.{name}", "expected a string")
+        if name in entry and not _is_unicode_text(entry[name]):
+            # Valid JSON (`"\ud800"`), but no file can hold it as UTF-8.
+            raise InvalidCredentials(
+                source, f"{field_path}.{name}", "not valid Unicode text (a lone surrogate)"
+            )
     identitytoken = entry.get("identitytoken", "")
     if entry.get("auth"):
         username, password = _decode_basic_auth(source, f"{field_path}.auth", entry["auth"])
@@ -182,6 +198,14 @@ def parse_entry(source: str, field_path: str, entry: Any) -> RegistryAuth:
     if not (username or password or identitytoken):
         raise InvalidCredentials(source, field_path, "no auth, username/password or identitytoken")
     return RegistryAuth(username=username, password=password, identitytoken=identitytoken)
+
+
+def _is_unicode_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode_basic_auth(source: str, field_path: str, value: str) -> tuple[str, str]:

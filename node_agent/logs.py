@@ -3,7 +3,10 @@
 import json
 import logging
 import sys
+from copy import copy
 from datetime import UTC, datetime
+
+from node_agent.escaping import printable
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,13 +24,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, one line per record: control characters in the message
+    (which can quote a Secret's registry key or a node file) are escaped, so input cannot
+    forge log lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        safe = copy(record)
+        safe.message = printable(record.message)
+        return super().formatMessage(safe)
+
+
 def configure_logging(*, log_format: str, level: str) -> None:
     """Route the agent's logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -381,6 +381,42 @@ def test_an_invalid_secret_keeps_the_last_good_credentials_and_turns_readiness_o
     wait_until(lambda: agent.get("/readyz")[0] == 200, what="ready again")
 
 
+# --- hostile input ---------------------------------------------------------------------------
+
+HIDDEN = "Sup3rS3cretPW"
+HOSTILE_SECRETS = {
+    "a password inside a registry key": {
+        f"https://puller:{HIDDEN}@reg.example.com/v2/\nnode-agent: forged line": {"auth": "dTpw"}
+    },
+    "a lone surrogate": {"reg.example": {"username": "u", "password": f"{HIDDEN}\ud800"}},
+}
+
+
+@pytest.mark.parametrize("auths", HOSTILE_SECRETS.values(), ids=HOSTILE_SECRETS.keys())
+def test_a_hostile_secret_is_invalid_everywhere_and_shown_nowhere(
+    kube_api: KubeApiServer,
+    start_agent: StartAgent,
+    node: Node,
+    auths: dict[str, object],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    create_secret(kube_api, "good")
+    agent = start_agent()
+    agent.wait_for_passwords("good")
+    document = json.dumps({"auths": auths}).encode()  # ensure_ascii: a surrogate is valid JSON
+    kube_api.update_secret(NS, NAME, {".dockerconfigjson": document})
+    wait_until(lambda: agent.get("/readyz")[0] == 503, what="not ready")
+    wait_until(lambda: agent.events("RegistryCredentialsInvalid"), what="Invalid event")
+    reason = agent.get("/readyz")[1]
+    invalid = agent.metric("node_agent_source_errors_total", source=str(SECRET), reason="invalid")
+    assert invalid == 1
+    assert node.passwords() == ("good", "good")
+    shown = [reason, json.dumps(kube_api.events()), caplog.text]
+    assert not any(HIDDEN in text for text in shown)
+    assert reason.count("\n") == 1  # the body's own final newline
+    assert all("\nnode-agent: forged" not in text for text in shown)
+
+
 METRIC_NAMES = {
     "node_agent_reconcile_total",
     "node_agent_reconcile_duration_seconds_bucket",

@@ -7,23 +7,31 @@ import json
 import math
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from node_agent.cli import build_parser, daemon_settings_from, main
 from node_agent.credentials import RegistryAuth
 from node_agent.daemon.outcomes import Settled, fingerprint, written_targets
-from node_agent.daemon.report import readiness_of
+from node_agent.daemon.report import DaemonReporter, EventType, Readiness, readiness_of
 from node_agent.daemon.restarts import RecordingRestart, RestartGate, restart_result
 from node_agent.daemon.sources import CredentialSources
+from node_agent.daemon.targets import NodeTargets
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue, next_run_at
+from node_agent.daemon.worker import START, Worker
 from node_agent.errors import ReloadFailed
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
+from node_agent.metrics import AgentMetrics
 from node_agent.ownership import StateStore
 from node_agent.reconcile import NodeFile, Reconciler
 from node_agent.settings import DaemonSettings, RestartCoordination
+from node_agent.status_server import Health
+from node_agent.targets import Entry
 from node_agent.targets.kubelet import KubeletFormat
 
 SECRET = ObjectRef("kube-system", "registry-credentials")
@@ -463,3 +471,64 @@ def test_unusable_restart_flags_exit_2(
 def test_run_reads_secret_refs_from_the_environment() -> None:
     settings = parse_run(env={"NODE_AGENT_SECRET": "a/one,b/two", "NODE_NAME": "n"})
     assert settings.secrets == (ObjectRef("a", "one"), ObjectRef("b", "two"))
+
+
+# --- a bug in a pass ----------------------------------------------------------------------
+
+
+class BuggyKubeletFormat(KubeletFormat):
+    """kubelet's format with a bug in render (what a library release can bring)."""
+
+    def render(self, text: str | None, updates: Mapping[str, Entry | None]) -> str:
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+
+@dataclass
+class RecordedEvents:
+    recorded: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def record(self, reason: str, message: str, *, type: EventType = "Normal") -> None:
+        self.recorded.append((type, reason, message))
+
+    def close(self, timeout: float = 2.0) -> bool:
+        return True
+
+
+def test_a_bug_in_a_pass_counts_as_an_error_turns_readiness_off_and_raises_an_event(
+    tmp_path: Path,
+) -> None:
+    secret_file = tmp_path / "secret.json"
+    secret_file.write_bytes(auths(reg_example="pw"))
+    config_json = tmp_path / "config.json"
+    files = (NodeFile(BuggyKubeletFormat(), config_json),)
+    store = StateStore(tmp_path / "state")
+    targets = NodeTargets(files, store, Reconciler(files, store, None), None)
+    sources = CredentialSources(files=[secret_file])
+    health = Health()
+    metrics = AgentMetrics(CollectorRegistry(), process=False)
+    events = RecordedEvents()
+    readiness = Readiness(health, sources)
+    reporter = DaemonReporter(metrics=metrics, events=events, readiness=readiness)
+    worker = Worker(
+        queue=WorkQueue(debounce=0.0),
+        sources=sources,
+        targets=targets,
+        reporter=reporter,
+        readiness=readiness,
+        health=health,
+    )
+    readiness.pass_succeeded()  # ready before, as after an earlier good pass
+    report = worker.handle(Batch(frozenset({START})))
+    assert report is not None and report.result == "error"
+    assert report.error is not None
+    assert report.error.startswith(
+        f"unexpected UnicodeEncodeError while editing the kubelet file {config_json}"
+    )
+    assert "\ud800" not in report.error
+    assert metrics.registry.get_sample_value("node_agent_reconcile_total", {"result": "error"}) == 1
+    ready, reason = health.readiness()
+    assert not ready and "UnicodeEncodeError" in reason
+    assert [(kind, reason) for kind, reason, _ in events.recorded] == [
+        ("Warning", "RegistryCredentialsReconcileFailed")
+    ]
+    assert not config_json.exists()

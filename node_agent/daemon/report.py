@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from node_agent.daemon.outcomes import TargetWrite
 from node_agent.daemon.sources import CredentialSources, SourceChange
 from node_agent.daemon.worker import PassReport
+from node_agent.escaping import printable
 from node_agent.kube.errors import ErrorReason
 from node_agent.metrics import AgentMetrics
 
@@ -53,9 +54,16 @@ class ReadinessSink(Protocol):
 
 
 def readiness_of(
-    *, first_pass_done: bool, problems: dict[str, str], waiting: Sequence[str]
+    *,
+    first_pass_done: bool,
+    problems: dict[str, str],
+    waiting: Sequence[str],
+    internal_error: str | None = None,
 ) -> tuple[bool, str]:
-    """Ready once a pass succeeded, and while every source is valid."""
+    """Ready once a pass succeeded, while every source is valid and no bug has been hit
+    since the last successful pass."""
+    if internal_error is not None:
+        return False, internal_error
     if problems:
         return False, "invalid credentials source: " + "; ".join(problems.values())
     if waiting:
@@ -73,10 +81,17 @@ class Readiness:
         self._sources = sources
         self._lock = threading.Lock()
         self._first_pass_done = False
+        self._internal_error: str | None = None
 
     def pass_succeeded(self) -> None:
         with self._lock:
             self._first_pass_done = True
+            self._internal_error = None
+        self.update()
+
+    def internal_error(self, message: str) -> None:
+        with self._lock:
+            self._internal_error = message
         self.update()
 
     def update(self) -> None:
@@ -85,8 +100,9 @@ class Readiness:
                 first_pass_done=self._first_pass_done,
                 problems=self._sources.problems(),
                 waiting=self._sources.waiting_for(),
+                internal_error=self._internal_error,
             )
-            self._health.set_ready(ready, reason)
+            self._health.set_ready(ready, printable(reason))
 
 
 class DaemonReporter:

@@ -39,7 +39,7 @@ from node_agent.daemon.restarts import RestartResult
 from node_agent.daemon.sources import CredentialSources, SourceChange
 from node_agent.daemon.targets import NodeTargets, RestartControl
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
-from node_agent.errors import NodeAgentError
+from node_agent.errors import InternalError, NodeAgentError, unexpected
 from node_agent.kube.secret_watch import Backoff
 from node_agent.reconcile import Outcome
 from node_agent.report import change_summary
@@ -99,6 +99,10 @@ class HealthBeat(Protocol):
 class ReadinessTracker(Protocol):
     def pass_succeeded(self) -> None: ...
 
+    def internal_error(self, message: str) -> None:
+        """Not ready until the next successful pass: the agent hit a bug."""
+        ...
+
     def update(self) -> None: ...
 
 
@@ -153,6 +157,7 @@ class Worker:
         self._applied: dict[str, Credentials] = {}
         self._last_error: str | None = None
         self._last_waiting: list[str] = []
+        self._last_warnings: tuple[str, ...] = ()
 
     def run(self) -> None:
         """The loop: start with a pass, resync periodically, end when the queue closes."""
@@ -193,8 +198,8 @@ class Worker:
     def _handle_safely(self, batch: Batch) -> None:
         try:
             ran = self.handle(batch) is not None
-        except Exception:  # a bug in one pass must not end the agent's only worker
-            log.exception("unexpected failure handling %s", batch)
+        except Exception as error:  # a bug must not end the agent's only worker
+            self._report_bug(unexpected(error, doing=f"handling {batch}"))
             ran = True
         if ran:
             self._queue.finished()
@@ -213,6 +218,8 @@ class Worker:
                 report = self._full_pass(credentials)
         except NodeAgentError as error:
             report = self._failed_pass(credentials, error)
+        except Exception as error:  # a bug: a failed pass like any other, and not ready
+            report = self._failed_pass(credentials, unexpected(error, doing="reconciling"))
         restart = restarts.recorder.take_result() if restarts is not None else None
         report = replace(report, duration=self._clock() - started, restart=restart)
         if self._slot is not None and restarts is not None:
@@ -272,6 +279,7 @@ class Worker:
         in_sync: dict[str, bool],
         fingerprints: Mapping[Path, Fingerprint],
     ) -> PassReport:
+        self._log_new_warnings(outcome.warnings)
         writes = written_targets(outcome, credentials, self._applied)
         self._applied.update({p.node_file.name: credentials for p in outcome.files})
         fully = all(in_sync.values())
@@ -302,7 +310,23 @@ class Worker:
             fully_in_sync=all(in_sync.values()),
         )
 
+    def _log_new_warnings(self, warnings: tuple[str, ...]) -> None:
+        """Skipped credentials, once per change: every pass would find them again."""
+        for warning in warnings:
+            if warning not in self._last_warnings:
+                log.warning("%s", warning)
+        self._last_warnings = warnings
+
+    def _report_bug(self, error: InternalError) -> None:
+        """A failure outside a pass: counted, logged and raised as a failed pass would be."""
+        log.error("%s", error)
+        self._readiness.internal_error(str(error))
+        self._reporter.pass_done(PassReport(result="error", error=str(error)))
+        self._queue.schedule(RETRY, at=self._clock() + self._retry.next_delay())
+
     def _failed_pass(self, credentials: Credentials, error: NodeAgentError) -> PassReport:
+        if isinstance(error, InternalError):
+            self._readiness.internal_error(str(error))
         self._left = Settled(credentials, self._current_fingerprints())
         self._left_in_sync = False
         message = str(error)

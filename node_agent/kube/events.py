@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from node_agent.escaping import printable
 from node_agent.kube.errors import SourceError
 from node_agent.kube.model import EventApi, ObjectRef, RequestTimeout
 
@@ -111,7 +112,9 @@ class NodeEventRecorder:
     def record(self, reason: str, message: str, *, type: EventType = "Normal") -> None:
         """Queue an Event about the Node; returns at once and never raises."""
         try:
-            occurrence = _Occurrence(type, reason, message[:_MESSAGE_LIMIT], self._clock())
+            occurrence = _Occurrence(
+                type, reason, printable(message)[:_MESSAGE_LIMIT], self._clock()
+            )
             self._enqueue(occurrence)
         except Exception:
             # An event is never worth breaking the caller (a reconcile) for.

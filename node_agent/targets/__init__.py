@@ -6,15 +6,30 @@ applier (`node_agent.apply`) reads and writes files, `node_agent.reconcile` deci
 change.
 """
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from node_agent.credentials import RegistryAuth
 
 #: The fields of one registry entry exactly as the node file stores them
 #: (e.g. {"username": "u", "password": "p"} for containerd, {"auth": "dTpw"} for kubelet).
 Entry = Mapping[str, Any]
+
+
+#: Shown instead of a credential value in diffs.
+REDACTED: Final = "***"
+#: Names of keys whose values a diff never shows, wherever they stand in a file.
+_SECRET_LOOKING_NAME: Final = re.compile(
+    r"auth|token|passw|passphrase|secret|credential|cookie|private", re.I
+)
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a key named `name` probably holds a credential (`Authorization`, `password`,
+    `identitytoken`, `client_secret`...): its value is redacted in every diff."""
+    return _SECRET_LOOKING_NAME.search(name) is not None
 
 
 class FormatError(Exception):
@@ -60,5 +75,6 @@ class NodeFileFormat(Protocol):
 
     def redact(self, text: str) -> str:
         """`text` with every credential value (username, password, auth, identitytoken,
-        registrytoken) of every registry entry replaced by "***", for showing diffs."""
+        registrytoken) of every registry entry, every HTTP header value, and the value of
+        every key that `looks_secret`, replaced by "***", for showing diffs."""
         ...

@@ -63,7 +63,7 @@ from tomlkit.items import (
 )
 
 from node_agent.credentials import DOCKER_HUB, RegistryAuth
-from node_agent.targets import Entry, FormatError, Skip
+from node_agent.targets import REDACTED, Entry, FormatError, Skip, looks_secret
 
 #: The CRI plugin holding the registry configuration, by config version (FACTS 1).
 PLUGIN_BY_VERSION: Final = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.images"}
@@ -73,7 +73,6 @@ DOCKER_HUB_HOST: Final = "registry-1.docker.io"
 CREDENTIAL_FIELDS: Final = frozenset(
     {"username", "password", "auth", "identitytoken", "registrytoken"}
 )
-REDACTED: Final = "***"
 
 # Path indexes of the keys in plugins.PLUGIN.registry.configs.HOST.auth.
 _CONFIGS, _HOST, _AUTH = 3, 4, 5
@@ -107,6 +106,12 @@ class ContainerdFormat:
         self._parsed = _ParsedTexts()
 
     def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
+        if "*" in registry:
+            return Skip("containerd looks credentials up by exact host; it has no wildcards")
+        if registry.startswith("["):
+            # containerd 1.6/1.7's TOML parser refuses `]` inside a quoted table-header key
+            # (`[...configs."[::1]:5000".auth]`): the whole file would fail at its next start.
+            return Skip("containerd 1.6/1.7 cannot load an IPv6 registry key from config.toml")
         # containerd prefers username/password, then identitytoken, then `auth` (FACTS 2);
         # we write only the field it will use.
         host = DOCKER_HUB_HOST if registry == DOCKER_HUB else registry
@@ -146,10 +151,15 @@ class ContainerdFormat:
     def redact(self, text: str) -> str:
         document = _parse_document(text)
         untouched = document.as_string()
-        for table in _credential_tables(document):
+        credential_tables = {id(table) for table in _credential_tables(document)}
+        for table, is_headers in _tables_with_headers_flag(document):
             for key, item in list(_body(table)):
-                if key is not None and key.key in CREDENTIAL_FIELDS and _is_value(item):
-                    table[key.key] = _string_like(REDACTED, item)
+                if key is None or not _is_value(item):
+                    continue
+                name = key.key
+                credential = id(table) in credential_tables and name in CREDENTIAL_FIELDS
+                if credential or is_headers or looks_secret(name):
+                    table[name] = _redacted_like(item)
         return _on_original_lines(text, untouched, document.as_string())
 
     def _read(self, text: str) -> dict[str, Any]:
@@ -1216,19 +1226,46 @@ def _credential_tables(document: tomlkit.TOMLDocument) -> Iterator[AnyTable]:
         pending.extend(_child_tables(table))
 
 
+def _tables_with_headers_flag(document: tomlkit.TOMLDocument) -> Iterator[tuple[AnyTable, bool]]:
+    """Every table in the document, and whether it is (inside) a `headers` table: the HTTP
+    headers containerd sends to a registry, `Authorization` among them."""
+    pending: list[tuple[AnyTable, bool]] = [(document, False)]
+    while pending:
+        table, is_headers = pending.pop()
+        yield table, is_headers
+        for key, item in _body(table):
+            if key is None:
+                continue
+            inside = is_headers or key.key == "headers"
+            pending.extend((child, inside) for child in _child_tables_of_item(item))
+
+
+def _redacted_like(item: Item) -> Item:
+    """"***" in the shape of `item`: a string keeps its quoting, an array of strings becomes
+    `["***"]`, anything else a string."""
+    if isinstance(item, Array):
+        return _parse_value(f'["{REDACTED}"]')
+    return _string_like(REDACTED, item)
+
+
+def _child_tables_of_item(item: Item) -> list[AnyTable]:
+    if isinstance(item, (Table, InlineTable)):
+        return [item]
+    if isinstance(item, AoT):
+        return list(item.body)
+    if isinstance(item, Array):
+        return [element for element in item if isinstance(element, InlineTable)]
+    return []
+
+
 def _child_tables(table: AnyTable, name: str | None = None) -> list[AnyTable]:
     """The tables directly in `table` (named `name`, if given), array elements included."""
-    found: list[AnyTable] = []
-    for key, item in _body(table):
-        if key is None or (name is not None and key.key != name):
-            continue
-        if isinstance(item, (Table, InlineTable)):
-            found.append(item)
-        elif isinstance(item, AoT):
-            found.extend(item.body)
-        elif isinstance(item, Array):
-            found.extend(element for element in item if isinstance(element, InlineTable))
-    return found
+    return [
+        child
+        for key, item in _body(table)
+        if key is not None and (name is None or key.key == name)
+        for child in _child_tables_of_item(item)
+    ]
 
 
 def _child_nodes(parents: Sequence[_Node]) -> list[_Node]:

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from node_agent.credentials import DOCKER_HUB, RegistryAuth
-from node_agent.targets import Entry, FormatError, Skip
+from node_agent.escaping import without_userinfo
+from node_agent.targets import REDACTED, Entry, FormatError, Skip, looks_secret
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 CREDENTIAL_FIELDS = frozenset({"auth", "username", "password", "identitytoken", "registrytoken"})
-REDACTED = "***"
 _DEFAULT_INDENT = "  "
 _FIRST_INDENT = re.compile(r"\{\s*?\n([ \t]+)\S")
 
@@ -52,10 +52,28 @@ class KubeletFormat:
 
     def redact(self, text: str) -> str:
         document = _load(text)
-        for entry in _auths(document).values():
+        auths = _auths(document)
+        for entry in auths.values():
             for name in CREDENTIAL_FIELDS & entry.keys():
                 entry[name] = REDACTED
-        return _dump(document, like=text)
+        if any(key != without_userinfo(key) for key in auths):
+            document["auths"] = {without_userinfo(key): entry for key, entry in auths.items()}
+        return _dump(_redacted(document), like=text)
+
+
+def _redacted(value: Any, *, hide: bool = False) -> Any:
+    """`value` with every string under a key that `looks_secret` (or under `HttpHeaders`,
+    which docker sends to every registry) replaced by "***". `auths` itself is not hidden
+    whole: its entries' credential fields are, their other fields (`email`) stay."""
+    if isinstance(value, dict):
+        return {key: _redacted(item, hide=hide or _hides(key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item, hide=hide) for item in value]
+    return REDACTED if hide and isinstance(value, str) else value
+
+
+def _hides(key: str) -> bool:
+    return key != "auths" and (looks_secret(key) or key.lower() == "httpheaders")
 
 
 def _load(text: str) -> dict[str, Any]:
