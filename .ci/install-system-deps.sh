@@ -6,6 +6,8 @@
 #   dbus             dbus-daemon, a private bus for testing the systemd restart path
 #   prometheus       promtool (2.42 on bookworm), to check and unit-test the alert rules in
 #                    daemonset/monitoring/; the Prometheus server itself is not used
+#   systemd          systemd-analyze, to verify the host units of daemonset/restart-trigger/
+#                    (only the tool is used; nothing here runs systemd)
 # Run as root. Safe to run again: with everything present it changes nothing.
 #
 # Three packages ship services (containerd.service; docker-registry.service plus a SysV script
@@ -16,9 +18,9 @@
 # prometheus-node-exporter, which prometheus recommends and which would be one more service.
 set -euo pipefail
 
-readonly PACKAGES=(containerd docker-registry apache2-utils dbus prometheus)
+readonly PACKAGES=(containerd docker-registry apache2-utils dbus prometheus systemd)
 readonly REQUIRED_BINARIES=(/usr/bin/containerd /usr/bin/docker-registry /usr/bin/htpasswd
-    /usr/bin/dbus-daemon /usr/bin/promtool)
+    /usr/bin/dbus-daemon /usr/bin/promtool /usr/bin/systemd-analyze)
 readonly POLICY=/usr/sbin/policy-rc.d
 
 missing_binaries() {

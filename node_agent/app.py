@@ -56,7 +56,10 @@ def containerd_reload(settings: Settings) -> ContainerdReload | None:
         return None
     command = shlex.join(settings.reload_command) if settings.reload_command else None
     bus = f"unix:path={settings.on_host(settings.system_bus_socket)}"
-    restarter = make_restarter(settings.reload, command=command, bus_address=bus)
+    trigger_dir = settings.on_host(settings.restart_trigger_dir)
+    restarter = make_restarter(
+        settings.reload, command=command, bus_address=bus, trigger_dir=trigger_dir
+    )
     socket = str(settings.on_host(settings.containerd_socket))
     return RestartContainerd(restarter, socket, settings.reload_timeout)
 

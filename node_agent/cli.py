@@ -182,6 +182,14 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         metavar="PATH",
         help="the node's D-Bus system bus, for --reload systemd",
     )
+    flags.add(
+        "--restart-trigger-dir",
+        type=Path,
+        default=defaults.restart_trigger_dir,
+        metavar="DIR",
+        help="node directory watched by the host's node-agent-restart-containerd.path unit, "
+        "for --reload trigger",
+    )
     flags.add("--log-format", choices=("text", "json"), default="text")
     flags.add("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
@@ -347,6 +355,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         reload_timeout=args.reload_timeout,
         containerd_socket=args.containerd_socket,
         system_bus_socket=args.system_bus_socket,
+        restart_trigger_dir=args.restart_trigger_dir,
         dry_run=getattr(args, "dry_run", False),
         log_format=args.log_format,
         log_level=args.log_level,

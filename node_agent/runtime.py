@@ -1,13 +1,17 @@
 """Restarting containerd, and proving it came back healthy.
 
 containerd reads config.toml only at start, and SIGHUP kills it, so a changed auth table
-needs a real restart. Three strategies, chosen by ``--reload`` in :func:`make_restarter`:
+needs a real restart. Four strategies, chosen by ``--reload`` in :func:`make_restarter`:
 
 * ``none``: the operator restarts containerd; the agent only writes files.
 * ``command``: run a command (``--reload-command``), e.g. ``nsenter -t 1 -m -- systemctl
   restart containerd``.
 * ``systemd``: ask systemd over D-Bus (``RestartUnit``) on the host's system bus socket, and
   wait for the job to finish (the ``JobRemoved`` signal).
+* ``trigger``: write a request into a directory shared with the host, where a systemd path
+  unit installed on the node restarts containerd and answers in the same directory
+  (``daemonset/restart-trigger/``). The agent then needs no D-Bus socket: all it can make
+  the host do is restart containerd.
 
 A restart that "succeeded" proves little: a config error can leave containerd running with
 its CRI plugin down. :func:`wait_for_cri` polls the CRI ``Version`` call, and
@@ -24,14 +28,17 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO, Any, Protocol
 
+from node_agent.atomic import write_new_file
 from node_agent.cri import CriClient, CriError, RuntimeVersion
-from node_agent.errors import ReloadFailed
+from node_agent.errors import NodeAgentError, ReloadFailed
+from node_agent.settings import RELOAD_MODES
 
-RELOAD_MODES = ("none", "command", "systemd")
 DEFAULT_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
 CONTAINERD_UNIT = "containerd.service"
 
@@ -239,6 +246,74 @@ def _dbus_error_text(error: Any) -> str:
     return text[:_MAX_DBUS_MESSAGE]
 
 
+# --- a request to a systemd path unit on the host -------------------------------------------
+
+#: The file the agent writes: one line, a token new for every restart.
+TRIGGER_REQUEST = "request"
+#: The file the host's unit writes when containerd's restart is done: `TOKEN EXIT_CODE`.
+TRIGGER_DONE = "done"
+_TRIGGER_POLL_SECONDS = 0.05
+_MAX_DONE_BYTES = 256
+
+
+class TriggerRestarter:
+    """``--reload trigger``: ask the host's ``node-agent-restart-containerd.path`` unit.
+
+    The request is a new token written atomically (temp file + rename: the unit's
+    ``PathChanged=`` sees the rename). The unit's service restarts containerd with
+    ``systemctl`` and writes ``TOKEN EXIT_CODE`` to ``done``; an answer with another token is
+    an older request's. No answer in time means the unit is missing or stuck.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        new_token: Callable[[], str] = lambda: uuid.uuid4().hex,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._directory = directory
+        self._new_token = new_token
+        self._sleep = sleep
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"TriggerRestarter({str(self._directory)!r})"
+
+    def restart(self, *, timeout: float) -> None:
+        deadline = self._clock() + timeout
+        token = self._new_token()
+        try:
+            write_new_file(self._directory / TRIGGER_REQUEST, f"{token}\n".encode())
+        except NodeAgentError as error:
+            raise ReloadFailed(f"cannot ask the host to restart containerd: {error}") from None
+        while (exit_code := self._answer_to(token)) is None:
+            if self._clock() >= deadline:
+                raise ReloadFailed(
+                    f"the host did not restart containerd within {timeout:g}s of the request "
+                    f"in {self._directory}: is node-agent-restart-containerd.path installed "
+                    "and active on this node?"
+                )
+            self._sleep(_TRIGGER_POLL_SECONDS)
+        if exit_code != 0:
+            raise ReloadFailed(
+                f"the host's node-agent-restart-containerd.service: systemctl restart "
+                f"containerd exited with code {exit_code}"
+            )
+
+    def _answer_to(self, token: str) -> int | None:
+        """The exit code the host reported for `token`, None while there is none."""
+        try:
+            with open(self._directory / TRIGGER_DONE, "rb") as done:
+                answer = done.read(_MAX_DONE_BYTES).decode("ascii", errors="replace").split()
+        except OSError:
+            return None
+        if len(answer) != 2 or answer[0] != token or not answer[1].isdigit():
+            return None
+        return int(answer[1])
+
+
 # --- health -------------------------------------------------------------------------------
 
 # One Version call may take this long: short enough that a wedged runtime cannot eat the
@@ -300,18 +375,25 @@ def restart_and_check(restarter: Restarter, *, socket_path: str, timeout: float)
 # --- choosing a strategy --------------------------------------------------------------------
 
 
-def make_restarter(mode: str, *, command: str | None, bus_address: str) -> Restarter:
-    """The :class:`Restarter` for ``--reload MODE``; ``command`` is ``--reload-command``.
+def make_restarter(
+    mode: str, *, command: str | None, bus_address: str, trigger_dir: Path | None = None
+) -> Restarter:
+    """The :class:`Restarter` for ``--reload MODE``; ``command`` is ``--reload-command``,
+    ``trigger_dir`` the node's ``--restart-trigger-dir`` as reachable from here.
 
     Raises ValueError for an unknown mode or a command that does not fit the mode.
     """
     if mode not in RELOAD_MODES:
         raise ValueError(f"unknown reload mode {mode!r}; expected one of {', '.join(RELOAD_MODES)}")
-    if mode != "command":
-        if command is not None:
-            raise ValueError(f"--reload-command is only used with --reload command, not {mode}")
-        return NoRestart() if mode == "none" else SystemdRestarter(bus_address=bus_address)
-    return CommandRestarter(_split_command(command))
+    if mode != "command" and command is not None:
+        raise ValueError(f"--reload-command is only used with --reload command, not {mode}")
+    if mode == "command":
+        return CommandRestarter(_split_command(command))
+    if mode == "trigger":
+        if trigger_dir is None:
+            raise ValueError("--reload trigger needs --restart-trigger-dir")
+        return TriggerRestarter(trigger_dir)
+    return NoRestart() if mode == "none" else SystemdRestarter(bus_address=bus_address)
 
 
 def _split_command(command: str | None) -> list[str]:

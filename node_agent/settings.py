@@ -7,7 +7,7 @@ from pathlib import Path
 from node_agent.kube.model import ObjectRef
 
 TARGET_NAMES = ("containerd", "kubelet")
-RELOAD_MODES = ("none", "command", "systemd")
+RELOAD_MODES = ("none", "command", "systemd", "trigger")
 ON_SECRET_DELETE = ("remove", "keep")
 
 
@@ -41,7 +41,8 @@ class Settings:
     """Where the agent remembers what it owns (must survive pod restarts: a hostPath)."""
 
     reload: str = "systemd"
-    """How to restart containerd: none, command or systemd (D-Bus RestartUnit)."""
+    """How to restart containerd: none, command, systemd (D-Bus RestartUnit) or trigger (a
+    request to a systemd path unit on the node, through `restart_trigger_dir`)."""
 
     reload_command: tuple[str, ...] = ()
     """argv of the restart command for reload=command."""
@@ -54,6 +55,9 @@ class Settings:
 
     system_bus_socket: Path = Path("/run/dbus/system_bus_socket")
     """The node's system D-Bus socket, for reload=systemd."""
+
+    restart_trigger_dir: Path = Path("/run/node-agent")
+    """The node directory shared with the host's restart unit, for reload=trigger."""
 
     dry_run: bool = False
     """Show what would change (credentials redacted); write and restart nothing."""

@@ -35,6 +35,8 @@ BASE = REPO / "daemonset"
 RBAC = REPO / "rbac"
 MONITORING = BASE / "monitoring"
 SLOT_LEASES = BASE / "restart-slot-leases"  # component: pre-created slots, narrower Role
+RESTART_TRIGGER = BASE / "restart-trigger"  # component: restarts without the D-Bus socket
+KUBELET_CONFIG_LINK = BASE / "kubelet-config-link"  # component: no /var/lib/kubelet mount
 EXAMPLES = BASE / "examples"
 EXAMPLE_SECRET = EXAMPLES / "registry-credentials.yaml"
 PROMTOOL_TESTS = MONITORING / "tests" / "alerts.test.yaml"
@@ -946,3 +948,77 @@ CUSTOM_RESOURCE_SCHEMAS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+# --------------------------------------------------------------------------- restarts without D-Bus
+
+
+def rendered_daemonset(tmp_path: Path, component: Path) -> dict[str, Any]:
+    rendered = kustomize_base_with(tmp_path, component)
+    for body in rendered:
+        kubernetes_validate.validate(body, KUBERNETES_VERSIONS[-1], strict=True)
+    (found,) = (body for body in rendered if body["kind"] == "DaemonSet")
+    return found
+
+
+def test_the_restart_trigger_component_drops_the_dbus_mount_and_its_apparmor_exception(
+    tmp_path: Path,
+) -> None:
+    base = daemonset()
+    changed = rendered_daemonset(tmp_path, RESTART_TRIGGER)
+    container = changed["spec"]["template"]["spec"]["containers"][0]
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in changed["spec"]["template"]["spec"]["volumes"]}
+    assert "/host/run/dbus" not in mounts and "dbus" not in volumes
+    assert container["securityContext"]["appArmorProfile"] == {"type": "RuntimeDefault"}
+    trigger = mounts["/host/run/node-agent"]
+    assert not trigger.get("readOnly", False)
+    assert volumes[trigger["name"]]["hostPath"] == {
+        "path": "/run/node-agent",
+        "type": "DirectoryOrCreate",
+    }
+    # Everything else as in the base: the same args but --reload, the same other mounts.
+    base_container = base["spec"]["template"]["spec"]["containers"][0]
+    assert [a for a in container["args"] if not a.startswith("--reload=")] == [
+        a for a in base_container["args"] if not a.startswith("--reload=")
+    ]
+    base_mounts = {m["mountPath"] for m in base_container["volumeMounts"]}
+    assert set(mounts) == base_mounts - {"/host/run/dbus"} | {"/host/run/node-agent"}
+
+
+def test_with_the_restart_trigger_component_the_agent_restarts_through_the_trigger_dir(
+    tmp_path: Path,
+) -> None:
+    changed = rendered_daemonset(tmp_path, RESTART_TRIGGER)
+    container = changed["spec"]["template"]["spec"]["containers"][0]
+    environ = downward_api_environment(container, namespace=changed["metadata"]["namespace"])
+    settings = daemon_settings_from(build_parser(environ).parse_args(container["args"]))
+    assert settings.node.reload == "trigger"
+    in_container = PurePosixPath(settings.node.on_host(settings.node.restart_trigger_dir))
+    assert in_container == PurePosixPath("/host/run/node-agent")
+    assert str(settings.node.restart_trigger_dir) == "/run/node-agent"
+
+
+# --------------------------------------------------------------------------- no kubelet root mount
+
+
+def test_the_kubelet_config_link_component_mounts_no_kubelet_directory(tmp_path: Path) -> None:
+    changed = rendered_daemonset(tmp_path, KUBELET_CONFIG_LINK)
+    spec = changed["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    mount_paths = [mount["mountPath"] for mount in container["volumeMounts"]]
+    assert all(not path.startswith("/host/var/lib/kubelet") for path in mount_paths)
+    assert all(
+        not v.get("hostPath", {}).get("path", "").startswith("/var/lib/kubelet")
+        for v in spec["volumes"]
+    )
+    environ = downward_api_environment(container, namespace=changed["metadata"]["namespace"])
+    settings = daemon_settings_from(build_parser(environ).parse_args(container["args"]))
+    kubelet_config = PurePosixPath(settings.node.on_host(settings.node.kubelet_config))
+    state_dir = PurePosixPath(settings.node.on_host(settings.node.state_dir))
+    # Written inside the state dir's mount, in a directory of its own.
+    assert state_dir in kubelet_config.parents and kubelet_config.parent != state_dir
+    writable = {
+        m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly", False)
+    }
+    assert str(state_dir) in writable
