@@ -119,6 +119,8 @@ def assert_sane_apply(audit: LeakAudit, node: NodeTree) -> None:
     for name, keys in owned.items():
         for key in keys:
             assert key == KUBELET_HUB_KEY or HOST_KEY.fullmatch(key), f"{name} key {key!r}"
+    # containerd has no wildcards, and its 1.6/1.7 parser cannot load an IPv6 key.
+    assert not [host for host in configs if "*" in host or host.startswith("[")]
     for host, auth in FOREIGN_TOML_AUTHS.items():
         previous = owned.get("containerd", {})
         assert (previous[host] if host in previous else configs[host]["auth"]) == auth
@@ -313,6 +315,30 @@ HOSTILE_PAYLOADS: dict[str, bytes] = {
     ).encode(),
     "KELVIN SIGN in the host": json.dumps(
         {"auths": {"\u212aeg.example": {"username": "u", "password": "p"}}}
+    ).encode(),
+    "the canary as a registry key's password": json.dumps(
+        {"auths": {f"https://u:{CANARY_PASSWORD}@reg.example/v2/": {"auth": CANARY_TOKEN}}}
+    ).encode(),
+    "the canary as a registry key's password, with a slash": json.dumps(
+        {"auths": {f"u:{CANARY_PASSWORD}/x@reg.example": {"auth": CANARY_TOKEN}}}
+    ).encode(),
+    "a lone surrogate in the password": json.dumps(
+        {"auths": {"reg.example": {"username": "u", "password": CANARY_PASSWORD + "\ud800"}}}
+    ).encode(),
+    "a lone surrogate in the registry key": json.dumps(
+        {"auths": {"reg\udc00.example": {"auth": CANARY_TOKEN}}}
+    ).encode(),
+    "IPv6 registry keys": json.dumps(
+        {"auths": {k: {"auth": CANARY_TOKEN} for k in ("[::1]:5000", "https://[fd00::1]/v2/")}}
+    ).encode(),
+    "wildcard registry keys": json.dumps(
+        {"auths": {k: {"auth": CANARY_TOKEN} for k in ("*.example.com", "*", "*.*")}}
+    ).encode(),
+    "a port out of range": json.dumps(
+        {"auths": {"reg.example:99999": {"auth": CANARY_TOKEN}}}
+    ).encode(),
+    "an escape sequence in the registry key": json.dumps(
+        {"auths": {"reg\x1b[2J.example": {"auth": CANARY_TOKEN}}}
     ).encode(),
     "base64 of the canary without user": json.dumps(
         {"auths": {"reg.example": {"auth": base64.b64encode(CANARY_PASSWORD.encode()).decode()}}}
