@@ -1,4 +1,4 @@
-"""`node-agent run` figures (issue 5). Prints numbers; asserts nothing.
+"""`node-agent run` figures (BENCHMARKS.md). Prints numbers; asserts nothing.
 
     python bench/daemon_bench.py [--full] [--idle-seconds S] [--skip-e2e]
 

@@ -1,4 +1,4 @@
-"""Fleet-safe restarts (issue 6): how long a fleet takes to restart containerd through N
+"""Fleet-safe restarts: how long a fleet takes to restart containerd through N
 restart slots, against README's rollout formula ceil(nodes / N) x (restart + CRI health + settle).
 Prints numbers; asserts nothing.
 

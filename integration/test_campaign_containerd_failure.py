@@ -1,4 +1,4 @@
-"""containerd failure (issue 4, RELIABILITY.md): a real containerd that does not come back
+"""containerd failure (RELIABILITY.md): a real containerd that does not come back
 after `node-agent reconcile` restarted it, and the rollback, timed.
 
 * CRI never answers after the restart (the restart "succeeds", containerd stays down): the

@@ -1,4 +1,4 @@
-"""The credential leak audit (issue 4): a known canary credential, and a `LeakAudit` that fails
+"""The credential leak audit (RELIABILITY.md): a known canary credential, and a `LeakAudit` that fails
 a test when that credential shows up anywhere it must not.
 
 Where the canary may appear: the credential sources the test feeds the agent, the two node

@@ -41,7 +41,6 @@ ALERTS_FOR = {
         "NodeAgentSourceRejected",
         "NodeAgentApiUnreachable",
     },
-    # issue 6
     "a containerd restart rollout stuck waiting for restart slots": {
         "NodeAgentRestartRolloutStuck",
         "NodeAgentRestartWaitingLong",

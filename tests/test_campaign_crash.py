@@ -1,4 +1,4 @@
-"""Crash consistency (issue 4, RELIABILITY.md): `node-agent reconcile` SIGKILLed at every
+"""Crash consistency (RELIABILITY.md): `node-agent reconcile` SIGKILLed at every
 step of a pass, and what the node looks like afterwards.
 
 Each case copies a prepared node (one of the scenarios below), runs `node-agent reconcile`

@@ -1,4 +1,4 @@
-"""API faults against the daemon (issue 4, RELIABILITY.md): `node-agent run` in this process,
+"""API faults against the daemon (RELIABILITY.md): `node-agent run` in this process,
 the real `kubernetes` client against the test API server (tests/kubeapi.py), while the API
 is down for five minutes, flaps every second, answers 410 Gone again and again, or serves a
 Secret that flips between valid and invalid content.

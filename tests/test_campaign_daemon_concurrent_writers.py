@@ -1,4 +1,4 @@
-"""Concurrent writers (issue 4, RELIABILITY.md): another process rewrites config.toml and
+"""Concurrent writers (RELIABILITY.md): another process rewrites config.toml and
 config.json in a tight loop while `node-agent run` (a child process, real timings) reconciles
 and the Secret keeps changing.
 

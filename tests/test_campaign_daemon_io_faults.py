@@ -1,4 +1,4 @@
-"""I/O faults in the daemon (issue 4, RELIABILITY.md): what `node-agent run` does when a pass
+"""I/O faults in the daemon (RELIABILITY.md): what `node-agent run` does when a pass
 cannot write a node file: a full disk, a read-only or immutable directory, permission denied,
 a directory, a FIFO or an odd symlink where a node file should be, an I/O error at fsync.
 

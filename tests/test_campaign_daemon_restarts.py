@@ -1,4 +1,4 @@
-"""At most one containerd restart attempt per `--min-reload-interval` (issue 4, RELIABILITY.md):
+"""At most one containerd restart attempt per `--min-reload-interval` (RELIABILITY.md):
 the daemon in this process facing a containerd that never comes back, over a run of many
 intervals while the Secret keeps changing.
 

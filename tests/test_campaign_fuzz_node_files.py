@@ -1,4 +1,4 @@
-"""Bad input, node files (issue 4, RELIABILITY.md): `node-agent reconcile` on random
+"""Bad input, node files (RELIABILITY.md): `node-agent reconcile` on random
 config.toml files in unusual layouts (tests/toml_layouts.py: inline tables, dotted keys,
 arrays of tables, comments everywhere, CRLF, out-of-order headers, unicode keys) and random
 kubelet config.json documents.

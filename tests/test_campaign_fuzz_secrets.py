@@ -1,4 +1,4 @@
-"""Bad input, Secrets (issue 4, RELIABILITY.md): `node-agent reconcile` fed random bytes,
+"""Bad input, Secrets (RELIABILITY.md): `node-agent reconcile` fed random bytes,
 random JSON and YAML, docker config documents and Secret manifests with random keys and
 entries, unicode hosts, huge and deeply nested documents, and 10,000 registries.
 

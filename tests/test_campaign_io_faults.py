@@ -1,4 +1,4 @@
-"""I/O faults (issue 4, RELIABILITY.md): what `node-agent reconcile` does when the disk is full,
+"""I/O faults (RELIABILITY.md): what `node-agent reconcile` does when the disk is full,
 a directory is read-only, permission is denied, or a node file is a symlink, a directory or
 a FIFO.
 

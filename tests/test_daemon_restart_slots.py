@@ -1,4 +1,4 @@
-"""Daemons on several nodes sharing restart slots (issue 6), in-process with the real client
+"""Daemons on several nodes sharing restart slots, in-process with the real client
 against the test API server: config.json changes at once everywhere, containerd restarts
 take turns, a node that waits says so, and a restart that fails stops the rollout.
 

@@ -1,7 +1,7 @@
 """One queue, one worker: every reason to reconcile is a `Trigger` requested here, and the
 worker takes them as one `Batch` per pass.
 
-Timing (issue 5): the first request after a quiet period is handed out at once; requests that
+Timing: the first request after a quiet period is handed out at once; requests that
 arrive while a pass runs, or within `debounce` after it ended, are collected and handed out
 together `debounce` after that end. So one change costs no added delay and a burst costs a
 handful of passes. Timed triggers (resync, a deferred containerd restart, a retry) become

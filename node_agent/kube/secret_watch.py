@@ -1,6 +1,6 @@
 """Follow one Secret through the Kubernetes API: list it, then watch it, forever.
 
-The loop (FACTS, "Library facts", kubernetes 37.x):
+The loop (docs/node-facts.md#kubernetes-client):
 
 1. List with field selector `metadata.name=NAME`: the Secret (or its confirmed absence) and a
    resourceVersion to watch from.

@@ -1,7 +1,7 @@
 """containerd's `/etc/containerd/config.toml`, registry auth tables only. Pure.
 
 The entries are the `auth` tables under the CRI registry of the file's config version
-(FACTS 1): `plugins."io.containerd.grpc.v1.cri".registry.configs."HOST".auth` for
+(docs/node-facts.md#containerd-auth-location): `plugins."io.containerd.grpc.v1.cri".registry.configs."HOST".auth` for
 `version = 2`, `plugins."io.containerd.cri.v1.images".registry.configs."HOST".auth` for
 `version = 3`. Files without a version (the v1 layout) or with another one are refused.
 
@@ -65,10 +65,11 @@ from tomlkit.items import (
 from node_agent.credentials import DOCKER_HUB, RegistryAuth
 from node_agent.targets import REDACTED, Entry, FormatError, Skip, looks_secret
 
-#: The CRI plugin holding the registry configuration, by config version (FACTS 1).
+#: The CRI plugin holding the registry configuration, by config version
+#: (docs/node-facts.md#containerd-auth-location).
 PLUGIN_BY_VERSION: Final = {2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.images"}
 #: containerd looks credentials up under the host it contacts; for Docker Hub that is not
-#: `docker.io` (FACTS 3, 15).
+#: `docker.io` (docs/node-facts.md#containerd-auth-keys).
 DOCKER_HUB_HOST: Final = "registry-1.docker.io"
 CREDENTIAL_FIELDS: Final = frozenset(
     {"username", "password", "auth", "identitytoken", "registrytoken"}
@@ -112,7 +113,8 @@ class ContainerdFormat:
             # containerd 1.6/1.7's TOML parser refuses `]` inside a quoted table-header key
             # (`[...configs."[::1]:5000".auth]`): the whole file would fail at its next start.
             return Skip("containerd 1.6/1.7 cannot load an IPv6 registry key from config.toml")
-        # containerd prefers username/password, then identitytoken, then `auth` (FACTS 2);
+        # containerd prefers username/password, then identitytoken, then `auth`
+        # (docs/node-facts.md#containerd-auth-fields);
         # we write only the field it will use.
         host = DOCKER_HUB_HOST if registry == DOCKER_HUB else registry
         if auth.username:
