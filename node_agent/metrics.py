@@ -1,7 +1,7 @@
 """The agent's Prometheus metrics, on a registry of its own (no process-wide globals).
 
-Names and labels are a contract (the alert rules and dashboards use them): change them only together with
-`daemonset/monitoring/`. No label ever holds a credential or a username: `target` is
+Names and labels are a contract (the alert rules and dashboards use them): change them only
+together with `daemonset/monitoring/`. No label ever holds a credential or a username: `target` is
 `containerd` or `kubelet`, `source` is `namespace/name` or a file path, `reason` and `result`
 come from the small fixed sets below.
 """

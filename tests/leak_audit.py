@@ -1,5 +1,5 @@
-"""The credential leak audit (RELIABILITY.md): a known canary credential, and a `LeakAudit` that fails
-a test when that credential shows up anywhere it must not.
+"""The credential leak audit (RELIABILITY.md): a known canary credential, and a `LeakAudit`
+that fails a test when that credential shows up anywhere it must not.
 
 Where the canary may appear: the credential sources the test feeds the agent, the two node
 files and the agent's state dir. Everywhere else it is a leak:

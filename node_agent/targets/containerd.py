@@ -1,9 +1,10 @@
 """containerd's `/etc/containerd/config.toml`, registry auth tables only. Pure.
 
 The entries are the `auth` tables under the CRI registry of the file's config version
-(docs/node-facts.md#containerd-auth-location): `plugins."io.containerd.grpc.v1.cri".registry.configs."HOST".auth` for
-`version = 2`, `plugins."io.containerd.cri.v1.images".registry.configs."HOST".auth` for
-`version = 3`. Files without a version (the v1 layout) or with another one are refused.
+(docs/node-facts.md#containerd-auth-location):
+`plugins."io.containerd.grpc.v1.cri".registry.configs."HOST".auth` for `version = 2`,
+`plugins."io.containerd.cri.v1.images".registry.configs."HOST".auth` for `version = 3`.
+Files without a version (the v1 layout) or with another one are refused.
 
 Reading uses the stdlib `tomllib`. Editing uses `tomlkit`, whose document model renders the
 untouched parts of the file as they were, plus three things of our own:

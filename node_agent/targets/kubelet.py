@@ -1,9 +1,10 @@
 """The kubelet's `config.json` (docker config format, `{"auths": {KEY: ENTRY}}`). Pure.
 
-kubelet reads `auth` (or `username`/`password`) and ignores `identitytoken`, and
-matches Docker Hub images only under `docker.io`, `index.docker.io` or
-`https://index.docker.io/v1/` (docs/node-facts.md#kubelet-config-json, #kubelet-key-matching). We write Hub under the docker CLI's key so that a
-node where someone ran `docker login` is taken over rather than shadowed.
+kubelet reads `auth` (or `username`/`password`) and ignores `identitytoken`, and matches
+Docker Hub images only under `docker.io`, `index.docker.io` or `https://index.docker.io/v1/`
+(docs/node-facts.md#kubelet-config-json, #kubelet-key-matching). We write Hub under the
+docker CLI's key so that a node where someone ran `docker login` is taken over rather than
+shadowed.
 """
 
 import json
