@@ -20,6 +20,7 @@ from kubeapi import SECRETS, KubeApiServer
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
+from node_agent.backoff import Backoff
 from node_agent.kube.client import KubeApi, load_api_client
 from node_agent.kube.errors import (
     ErrorReason,
@@ -29,7 +30,6 @@ from node_agent.kube.errors import (
 )
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import (
-    Backoff,
     RestartCause,
     SecretContent,
     SecretSnapshot,

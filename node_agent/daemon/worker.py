@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
+from node_agent.backoff import Backoff
 from node_agent.credentials import Credentials
 from node_agent.daemon.outcomes import (
     Fingerprint,
@@ -40,7 +41,6 @@ from node_agent.daemon.sources import CredentialSources, SourceChange
 from node_agent.daemon.targets import NodeTargets, RestartControl
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
 from node_agent.errors import InternalError, NodeAgentError, unexpected
-from node_agent.kube.secret_watch import Backoff
 from node_agent.reconcile import Outcome
 from node_agent.report import change_summary
 

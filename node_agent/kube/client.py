@@ -101,15 +101,14 @@ class KubeApi:
         """The Secret as a list of zero or one items (field selector `metadata.name`), so the
         answer carries a resourceVersion to watch from even when the Secret does not exist."""
         with _translated_errors(ref, "list"):
-            response = _raw(
-                self._core.list_namespaced_secret(
+            body = _read(
+                _open(
+                    self._core.list_namespaced_secret,
                     ref.namespace,
                     field_selector=f"metadata.name={ref.name}",
-                    _preload_content=False,
-                    _request_timeout=request_timeout,
+                    request_timeout=request_timeout,
                 )
             )
-            body = _read(response)
         return _object_list(ref, body)
 
     def watch_secret(
@@ -122,17 +121,12 @@ class KubeApi:
     ) -> "ApiWatchStream":
         """Open a watch on the Secret from `resource_version`, with bookmarks."""
         with _translated_errors(ref, "watch"):
-            response = _raw(
-                self._core.list_namespaced_secret(
-                    ref.namespace,
-                    field_selector=f"metadata.name={ref.name}",
-                    resource_version=resource_version,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=timeout_seconds,
-                    watch=True,
-                    _preload_content=False,
-                    _request_timeout=request_timeout,
-                )
+            response = _open(
+                self._core.list_namespaced_secret,
+                ref.namespace,
+                field_selector=f"metadata.name={ref.name}",
+                request_timeout=request_timeout,
+                **_watch_arguments(resource_version, timeout_seconds),
             )
         return ApiWatchStream(ref, response)
 
@@ -142,16 +136,15 @@ class KubeApi:
         """Create a core/v1 Event (`metadata.generateName` allowed); the stored Event."""
         ref = ObjectRef(namespace, "events")
         with _translated_errors(ref, "create", resource="events"):
-            response = _raw(
-                self._core.create_namespaced_event(
+            # 37.x validates the dict into its model; older clients send it as is.
+            body = _read(
+                _open(
+                    self._core.create_namespaced_event,
                     namespace,
-                    # 37.x validates the dict into its model; older clients send it as is.
                     cast(Any, dict(event)),
-                    _preload_content=False,
-                    _request_timeout=request_timeout,
+                    request_timeout=request_timeout,
                 )
             )
-            body = _read(response)
         return _parse_json(ref, body)
 
     def patch_event(
@@ -161,15 +154,13 @@ class KubeApi:
         (events expire after the API server's --event-ttl, 1 h by default)."""
         with _translated_errors(ref, "patch", resource="events"):
             try:
-                response = _raw(
-                    self._core.patch_namespaced_event(
-                        ref.name,
-                        ref.namespace,
-                        dict(patch),
-                        _content_type=_MERGE_PATCH,
-                        _preload_content=False,
-                        _request_timeout=request_timeout,
-                    )
+                response = _open(
+                    self._core.patch_namespaced_event,
+                    ref.name,
+                    ref.namespace,
+                    dict(patch),
+                    _content_type=_MERGE_PATCH,
+                    request_timeout=request_timeout,
                 )
             except ApiException as error:
                 if error.status == 404:
@@ -182,12 +173,13 @@ class KubeApi:
         """Every Lease in `namespace` and the list's resourceVersion to watch from."""
         ref = ObjectRef(namespace, "leases")
         with _lease_errors(ref, "list"):
-            response = _raw(
-                self._coordination.list_namespaced_lease(
-                    namespace, _preload_content=False, _request_timeout=request_timeout
+            body = _read(
+                _open(
+                    self._coordination.list_namespaced_lease,
+                    namespace,
+                    request_timeout=request_timeout,
                 )
             )
-            body = _read(response)
         return _object_list(ref, body)
 
     def watch_leases(
@@ -201,16 +193,11 @@ class KubeApi:
         """Open a watch on the Leases of `namespace` from `resource_version`, with bookmarks."""
         ref = ObjectRef(namespace, "leases")
         with _lease_errors(ref, "watch"):
-            response = _raw(
-                self._coordination.list_namespaced_lease(
-                    namespace,
-                    resource_version=resource_version,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=timeout_seconds,
-                    watch=True,
-                    _preload_content=False,
-                    _request_timeout=request_timeout,
-                )
+            response = _open(
+                self._coordination.list_namespaced_lease,
+                namespace,
+                request_timeout=request_timeout,
+                **_watch_arguments(resource_version, timeout_seconds),
             )
         return ApiWatchStream(ref, response, resource="leases")
 
@@ -221,15 +208,14 @@ class KubeApi:
         Lease of that name exists."""
         ref = ObjectRef(namespace, _name_of(lease) or "leases")
         with _lease_errors(ref, "create"):
-            response = _raw(
-                _as_is(self._coordination.create_namespaced_lease)(
+            body = _read(
+                _open(
+                    _as_is(self._coordination.create_namespaced_lease),
                     namespace,
                     dict(lease),
-                    _preload_content=False,
-                    _request_timeout=request_timeout,
+                    request_timeout=request_timeout,
                 )
             )
-            body = _read(response)
         return _parse_json(ref, body)
 
     def replace_lease(
@@ -238,16 +224,15 @@ class KubeApi:
         """PUT `lease` as given (with the `metadata.resourceVersion` it was read at); the stored
         Lease. `ApiConflict` when it changed since, `ObjectMissing` when it was deleted."""
         with _lease_errors(ref, "update"):
-            response = _raw(
-                _as_is(self._coordination.replace_namespaced_lease)(
+            body = _read(
+                _open(
+                    _as_is(self._coordination.replace_namespaced_lease),
                     ref.name,
                     ref.namespace,
                     dict(lease),
-                    _preload_content=False,
-                    _request_timeout=request_timeout,
+                    request_timeout=request_timeout,
                 )
             )
-            body = _read(response)
         return _parse_json(ref, body)
 
 
@@ -299,10 +284,26 @@ def _name_of(obj: Mapping[str, Any]) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _raw(answer: object) -> urllib3.BaseHTTPResponse:
-    """The client annotates the model type even when `_preload_content=False` makes it return
-    the urllib3 response."""
+def _open(
+    method: Callable[..., object],
+    *args: object,
+    request_timeout: RequestTimeout,
+    **kwargs: object,
+) -> urllib3.BaseHTTPResponse:
+    """Call a generated API method for its raw answer (see the module docstring). The client
+    annotates the model type even when `_preload_content=False` makes it return the urllib3
+    response."""
+    answer = method(*args, _preload_content=False, _request_timeout=request_timeout, **kwargs)
     return cast(urllib3.BaseHTTPResponse, answer)
+
+
+def _watch_arguments(resource_version: str, timeout_seconds: int) -> dict[str, object]:
+    return {
+        "resource_version": resource_version,
+        "allow_watch_bookmarks": True,
+        "timeout_seconds": timeout_seconds,
+        "watch": True,
+    }
 
 
 def _read(response: urllib3.BaseHTTPResponse) -> bytes:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
+from node_agent.backoff import Backoff
 from node_agent.kube.errors import ErrorReason, SourceError, SourceInvalid, WatchExpired
 from node_agent.kube.model import (
     EventStream,
@@ -92,27 +93,6 @@ class WatchSettings:
     """Upper bound of the first retry delay, in seconds; it doubles per consecutive failure."""
     backoff_max: float = 60.0
     """Cap of the retry delay, in seconds."""
-
-
-class Backoff:
-    """Exponential backoff with full jitter: failure n waits uniform(0, min(max, initial·2ⁿ⁻¹)).
-
-    Full jitter spreads the retries of many nodes after an API outage.
-    """
-
-    def __init__(self, *, initial: float, maximum: float, rng: random.Random) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._rng = rng
-        self._failures = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self._maximum, self._initial * 2 ** min(self._failures, 62))
-        self._failures += 1
-        return self._rng.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self._failures = 0
 
 
 def secret_content(source: ObjectRef, obj: Mapping[str, Any]) -> SecretContent:

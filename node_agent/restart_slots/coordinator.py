@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from node_agent.backoff import Backoff
 from node_agent.kube.errors import (
     ApiConflict,
     ObjectMissing,
@@ -34,7 +35,6 @@ from node_agent.kube.errors import (
     WatchExpired,
 )
 from node_agent.kube.model import EventStream, LeaseApi, ObjectRef, RequestTimeout
-from node_agent.kube.secret_watch import Backoff
 from node_agent.restart_slots.leases import (
     Claim,
     NoSlot,
