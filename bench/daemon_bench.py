@@ -357,7 +357,7 @@ def bench_resync(workdir: Path, registries: int, rounds: int) -> tuple[float, fl
     assert first is not None and first.result == "applied", first
     credentials: dict[str, RegistryAuth] = daemon.sources.merged() or {}
     resync = _median_ms(lambda: worker.handle(Batch(frozenset({RESYNC}))), rounds)
-    full = _median_ms(lambda: daemon.targets.full.reconcile(credentials), rounds)
+    full = _median_ms(lambda: daemon.reconciler.reconcile(credentials), rounds)
     return resync, full
 
 

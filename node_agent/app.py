@@ -3,13 +3,15 @@ and runs the one-shot commands. Returns exit codes; only `node_agent.cli` exits.
 
 import logging
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
 from node_agent.credentials import Credentials
+from node_agent.errors import ReloadFailed
 from node_agent.ownership import StateStore
-from node_agent.reconcile import ContainerdReload, NodeFile, Outcome, Reconciler
+from node_agent.reconcile import ContainerdRestart, NodeFile, Outcome, Reconciler
 from node_agent.report import change_summary, redacted_diff
 from node_agent.runtime import Restarter, make_restarter, restart_and_check
 from node_agent.settings import Settings
@@ -27,7 +29,7 @@ EXIT_OUT_OF_SYNC = 3
 
 @dataclass(frozen=True)
 class RestartContainerd:
-    """`ContainerdReload` for real: restart through the chosen strategy, then wait for CRI."""
+    """`ContainerdRestart` for real: restart through the chosen strategy, then wait for CRI."""
 
     restarter: Restarter
     socket_path: str
@@ -50,7 +52,7 @@ def node_files(settings: Settings) -> list[NodeFile]:
     return [available[name] for name in settings.targets]
 
 
-def containerd_reload(settings: Settings) -> ContainerdReload | None:
+def containerd_restart(settings: Settings) -> ContainerdRestart | None:
     """How containerd gets restarted, or None when it must not be (--reload none)."""
     if settings.reload == "none" or "containerd" not in settings.targets:
         return None
@@ -64,11 +66,16 @@ def containerd_reload(settings: Settings) -> ContainerdReload | None:
     return RestartContainerd(restarter, socket, settings.reload_timeout)
 
 
-def build_reconciler(settings: Settings) -> Reconciler:
+def build_reconciler(
+    settings: Settings, *, clock: Callable[[], float] = time.monotonic
+) -> Reconciler:
+    """The node's one reconciler (the one-shot commands' and the daemon's)."""
     return Reconciler(
         node_files=node_files(settings),
         state_store=StateStore(settings.on_host(settings.state_dir)),
-        containerd=None if settings.dry_run else containerd_reload(settings),
+        containerd=containerd_restart(settings),
+        dry_run=settings.dry_run,
+        clock=clock,
     )
 
 
@@ -79,15 +86,13 @@ def load_sources(settings: Settings) -> Credentials:
 
 def reconcile_command(settings: Settings, out: TextIO) -> int:
     """`node-agent reconcile`: one pass (or a redacted preview with --dry-run)."""
-    credentials = load_sources(settings)
-    reconciler = build_reconciler(settings)
-    if settings.dry_run:
-        outcome = reconciler.inspect(credentials)
-        _warn(outcome)
+    outcome = build_reconciler(settings).reconcile(load_sources(settings))
+    _warn(outcome)
+    if outcome.dry_run:
         _print_preview(outcome, out)
         return EXIT_OK
-    outcome = reconciler.reconcile(credentials)
-    _warn(outcome)
+    if outcome.restart is not None and outcome.restart.error is not None:
+        raise ReloadFailed(outcome.restart.error)
     _print_result(outcome, out)
     return EXIT_OK
 
@@ -99,7 +104,7 @@ def check_command(settings: Settings, out: TextIO) -> int:
     for prepared in outcome.files:
         for line in change_summary(prepared):
             print(f"out of sync: {line}", file=out)
-    if outcome.restart_pending:
+    if outcome.restart_owed:
         print("out of sync: containerd: not restarted since config.toml changed", file=out)
     if outcome.in_sync:
         print("in sync", file=out)
@@ -122,7 +127,7 @@ def _print_result(outcome: Outcome, out: TextIO) -> None:
         changes = [f"{change.action} {change.key}" for change in prepared.plan.changes]
         summary = ", ".join(changes) if prepared.needs_write else "in sync"
         print(f"{prepared.node_file.name}: {summary}", file=out)
-    if outcome.containerd_restarted:
+    if outcome.restart is not None:
         print("containerd: restarted, CRI answering", file=out)
 
 

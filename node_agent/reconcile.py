@@ -4,13 +4,21 @@ files that differ → restart containerd if its auth changed, and prove it came 
 Every file is read, planned and rendered before anything is written, so a broken file or a
 bad credential leaves the whole node as it was. Writes are compare-and-swap: if another
 writer got in between our read and our rename, the whole pass is redone from fresh reads.
+
+One `Reconciler` per node. `reconcile` returns an `Outcome` that says everything the pass
+did: which files it wrote, whether containerd was restarted (and how that went: a rollback
+is an outcome, not an exception), and whether containerd is owed a restart it was not
+allowed to make (`may_restart=False`: the files that need no restart are written, the ones
+that do are only read, and what the agent owns in them is left as it was).
 """
 
+import hashlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from node_agent.atomic import FileSnapshot, read_snapshot, remove_stale_temps, replace_file
 from node_agent.credentials import Credentials
@@ -29,8 +37,21 @@ log = logging.getLogger(__name__)
 #: How often a pass is redone when another writer keeps changing a file under us.
 MAX_ATTEMPTS = 5
 
+RestartResult = Literal["success", "rolled_back", "failed"]
+"""How a pass's containerd restart went (the `result` label of
+`node_agent_containerd_restarts_total`): healthy; unhealthy, and healthy again on the
+previous config.toml; unhealthy, and the rollback did not help (or there was nothing to
+roll back to)."""
 
-class ContainerdReload(Protocol):
+Fingerprint = bytes | None
+"""sha256 of a file's bytes; None: the file does not exist."""
+
+
+def fingerprint(content: bytes | None) -> Fingerprint:
+    return None if content is None else hashlib.sha256(content).digest()
+
+
+class ContainerdRestart(Protocol):
     """Restarts containerd and returns once CRI answers; raises ReloadFailed otherwise."""
 
     def restart_and_verify(self) -> None: ...
@@ -65,6 +86,25 @@ class PreparedFile:
     def needs_write(self) -> bool:
         return self.new_text is not None and self.new_text != self.old_text
 
+    @property
+    def name(self) -> str:
+        return self.node_file.name
+
+
+@dataclass(frozen=True)
+class RestartOutcome:
+    """The containerd restart a pass made."""
+
+    result: RestartResult
+    error: str | None = None
+    """Why it was not a success, in one line (no values)."""
+    last_attempt_at: float = 0.0
+    """Monotonic time of the last restart attempt (a rollback restarts a second time)."""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result == "success"
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -73,36 +113,94 @@ class Outcome:
     files: tuple[PreparedFile, ...]
     warnings: tuple[str, ...] = ()
     written: tuple[str, ...] = ()
-    containerd_restarted: bool = False
-    restart_pending: bool = False
+    """The files this pass wrote, by name."""
+    restart: RestartOutcome | None = None
+    """The containerd restart this pass made, if it made one."""
+    restart_owed: bool = False
+    """containerd does not run what its file holds (or will hold once written), and this
+    pass did not restart it: not allowed to, a dry run or an inspection, or a restart
+    pending from an earlier run."""
+    dry_run: bool = False
+    """Nothing was written: `files` say what a real pass would write."""
 
     @property
     def changed(self) -> bool:
-        return bool(self.written) or self.containerd_restarted
+        return bool(self.written) or self.restart is not None
 
     @property
     def in_sync(self) -> bool:
-        return all(prepared.plan.in_sync for prepared in self.files) and not self.restart_pending
+        return all(self.in_sync_by_target.values())
+
+    @property
+    def in_sync_by_target(self) -> dict[str, bool]:
+        """Per file: does it hold the desired state (and, for containerd's, is containerd
+        running it)?"""
+        containerd_behind = self.restart_owed or (
+            self.restart is not None and not self.restart.succeeded
+        )
+        return {
+            prepared.name: (prepared.name in self.written or prepared.plan.in_sync)
+            and not (prepared.node_file.restarts_containerd and containerd_behind)
+            for prepared in self.files
+        }
+
+    @property
+    def registries_by_target(self) -> dict[str, int]:
+        return {prepared.name: prepared.desired_count for prepared in self.files}
+
+    @property
+    def fingerprints(self) -> dict[Path, Fingerprint]:
+        """Each file's fingerprint after the pass (a rolled-back file excepted: its content
+        is the last good one, read it again)."""
+        return {
+            prepared.snapshot.path: fingerprint(
+                _encode(prepared.new_text)
+                if prepared.name in self.written
+                else prepared.snapshot.content
+            )
+            for prepared in self.files
+        }
+
+    @property
+    def restart_failed(self) -> bool:
+        return self.restart is not None and not self.restart.succeeded
 
 
 @dataclass
 class Reconciler:
     """Brings the node files in line with credentials. Holds no state between passes except
-    what `state_store` persists."""
+    what `state_store` persists. `containerd` None: containerd is never restarted (its file
+    is still written)."""
 
     node_files: Sequence[NodeFile]
     state_store: StateStore
-    containerd: ContainerdReload | None = None
+    containerd: ContainerdRestart | None = None
+    dry_run: bool = False
+    """`reconcile` only inspects (--dry-run): the one place that decides it."""
+    clock: Callable[[], float] = time.monotonic
+
+    @property
+    def restarts_containerd(self) -> bool:
+        """Whether a pass may restart containerd at all."""
+        return self.containerd is not None and any(
+            node_file.restarts_containerd for node_file in self.node_files
+        )
 
     def inspect(self, credentials: Credentials) -> Outcome:
         """Read and plan every file without writing anything (for --dry-run and `check`)."""
-        return self._inspect(credentials, self.state_store.load())
+        state = self.state_store.load()
+        outcome = self._inspect(credentials, state)
+        owed = self._owed(outcome.files, state)
+        return replace(outcome, restart_owed=owed)
 
-    def reconcile(self, credentials: Credentials) -> Outcome:
-        """One pass, redone from fresh reads when another writer races us."""
+    def reconcile(self, credentials: Credentials, *, may_restart: bool = True) -> Outcome:
+        """One pass, redone from fresh reads when another writer races us. Without
+        `may_restart`, files whose change needs a containerd restart are left as they are."""
+        if self.dry_run:
+            return replace(self.inspect(credentials), dry_run=True)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                return self._reconcile_once(credentials)
+                return self._reconcile_once(credentials, may_restart=may_restart)
             except ConcurrentModification as conflict:
                 log.info("retrying: %s (attempt %d of %d)", conflict, attempt, MAX_ATTEMPTS)
         raise ConcurrentModification(
@@ -114,23 +212,29 @@ class Reconciler:
         files = tuple(
             self._prepare(node_file, credentials, state, warnings) for node_file in self.node_files
         )
-        restarts = self.containerd is not None and any(
-            node_file.restarts_containerd for node_file in self.node_files
-        )
-        pending = state.containerd_restart_pending and restarts
-        return Outcome(files=files, warnings=tuple(warnings), restart_pending=pending)
+        return Outcome(files=files, warnings=tuple(warnings))
 
-    def _reconcile_once(self, credentials: Credentials) -> Outcome:
+    def _owed(self, files: Sequence[PreparedFile], state: AgentState) -> bool:
+        """Whether containerd does not run what its file holds or should hold."""
+        return self.restarts_containerd and (
+            state.containerd_restart_pending
+            or any(p.needs_write for p in files if p.node_file.restarts_containerd)
+        )
+
+    def _reconcile_once(self, credentials: Credentials, *, may_restart: bool) -> Outcome:
         state = self.state_store.load()
         outcome = self._inspect(credentials, state)
-        to_write = [prepared for prepared in outcome.files if prepared.needs_write]
-        restart_needed = self.containerd is not None and (
-            outcome.restart_pending
-            or any(prepared.node_file.restarts_containerd for prepared in to_write)
-        )
+        held_back = self.restarts_containerd and not may_restart
+        # Held back: containerd's file is only read; the pass is over the other files, and
+        # what the agent owns in containerd's file (and a pending restart) stays as it was.
+        managed = [
+            p for p in outcome.files if not (held_back and p.node_file.restarts_containerd)
+        ]
+        to_write = [prepared for prepared in managed if prepared.needs_write]
+        restart_needed = not held_back and self._owed(to_write, state)
         during = _state_while_writing(
             state,
-            outcome.files,
+            managed,
             restart_pending=restart_needed or state.containerd_restart_pending,
             last_good=_last_good_while_writing(state, to_write, restart_needed=restart_needed),
         )
@@ -143,24 +247,19 @@ class Reconciler:
         for prepared in sorted(to_write, key=lambda p: p.node_file.restarts_containerd):
             replace_file(prepared.snapshot, _encode(prepared.new_text))
             log.info(
-                "%s: wrote %s (%s)",
-                prepared.node_file.name,
-                prepared.snapshot.path,
-                _describe(prepared.plan),
+                "%s: wrote %s (%s)", prepared.name, prepared.snapshot.path, _describe(prepared.plan)
             )
-        if restart_needed:
-            self._restart_or_roll_back(to_write, during)
-        # A pass without a restart (--reload none, or containerd not managed in this pass)
-        # leaves an earlier pending restart pending.
-        final = _state_after(during, outcome.files, restarted=restart_needed)
+        written = tuple(p.name for p in to_write)
+        restart = self._restart_or_roll_back(to_write, during) if restart_needed else None
+        if restart is not None and not restart.succeeded:
+            return replace(outcome, written=written, restart=restart)
+        # A pass without a restart (held back, --reload none, containerd not managed) leaves
+        # an earlier pending restart pending.
+        final = _state_after(during, managed, restarted=restart is not None)
         if final != during:
             self.state_store.save(final)
-        return replace(
-            outcome,
-            written=tuple(p.node_file.name for p in to_write),
-            containerd_restarted=restart_needed,
-            restart_pending=final.containerd_restart_pending,
-        )
+        owed = self._owed(outcome.files, state) if held_back else final.containerd_restart_pending
+        return replace(outcome, written=written, restart=restart, restart_owed=owed)
 
     def _prepare(
         self, node_file: NodeFile, credentials: Credentials, state: AgentState, warnings: list[str]
@@ -181,34 +280,36 @@ class Reconciler:
             raise unexpected(error, doing=doing) from None
         return PreparedFile(node_file, snapshot, old_text, new_text, plan, len(desired))
 
-    def _restart_or_roll_back(self, written: Sequence[PreparedFile], during: AgentState) -> None:
+    def _restart_or_roll_back(
+        self, written: Sequence[PreparedFile], during: AgentState
+    ) -> RestartOutcome:
         assert self.containerd is not None
+        started = self.clock()
         try:
             self.containerd.restart_and_verify()
             log.info("containerd restarted and answered CRI")
-            return
+            return RestartOutcome("success", last_attempt_at=started)
         except ReloadFailed as failure:
-            restart_error = failure
+            restart_error = str(failure)
         # What containerd last ran, kept in the state since before the write: also when that
         # write was made by an earlier run, killed before its restart or its rollback.
         last_good = during.containerd_last_good or _last_good_while_writing(
             AgentState(), written, restart_needed=True
         )
         if last_good is None:
-            raise restart_error
+            return RestartOutcome("failed", restart_error, last_attempt_at=started)
         _roll_back(last_good)
+        second = self.clock()
         try:
             self.containerd.restart_and_verify()
-        except ReloadFailed as second:
-            raise ReloadFailed(
-                f"{restart_error}; config rolled back, but containerd still failed: {second}"
-            ) from second
+        except ReloadFailed as failure:
+            error = f"{restart_error}; config rolled back, but containerd still failed: {failure}"
+            return RestartOutcome("failed", error, last_attempt_at=second)
         self.state_store.save(
             replace(during, containerd_restart_pending=False, containerd_last_good=None)
         )
-        raise ReloadFailed(
-            f"{restart_error}; previous config.toml restored and containerd restarted healthy"
-        ) from restart_error
+        error = f"{restart_error}; previous config.toml restored and containerd restarted healthy"
+        return RestartOutcome("rolled_back", error, last_attempt_at=second)
 
 
 def desired_entries(

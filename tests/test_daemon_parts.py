@@ -16,11 +16,10 @@ from prometheus_client import CollectorRegistry
 
 from node_agent.cli import build_parser, daemon_settings_from, main
 from node_agent.credentials import RegistryAuth
-from node_agent.daemon.outcomes import Settled, fingerprint, written_targets
+from node_agent.daemon.outcomes import Settled, written_targets
 from node_agent.daemon.report import DaemonReporter, EventType, Readiness, readiness_of
-from node_agent.daemon.restarts import RecordingRestart, RestartGate, restart_result
+from node_agent.daemon.restarts import RestartGate
 from node_agent.daemon.sources import CredentialSources
-from node_agent.daemon.targets import NodeTargets
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue, next_run_at
 from node_agent.daemon.worker import START, Worker
 from node_agent.errors import ReloadFailed
@@ -28,10 +27,11 @@ from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
 from node_agent.metrics import AgentMetrics
 from node_agent.ownership import StateStore
-from node_agent.reconcile import NodeFile, Reconciler
+from node_agent.reconcile import NodeFile, Reconciler, fingerprint
 from node_agent.settings import DaemonSettings, RestartCoordination
 from node_agent.status_server import Health
 from node_agent.targets import Entry
+from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
 
 SECRET = ObjectRef("kube-system", "registry-credentials")
@@ -136,20 +136,6 @@ def test_close_wakes_a_waiting_worker_at_once() -> None:
 # --- containerd restarts ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("attempts", "result"),
-    [
-        ([], None),
-        ([True], "success"),
-        ([False, True], "rolled_back"),
-        ([False, False], "failed"),
-        ([False], "failed"),  # nothing to roll back (a restart left pending)
-    ],
-)
-def test_restart_result(attempts: list[bool], result: str | None) -> None:
-    assert restart_result(attempts) == result
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -167,16 +153,31 @@ class FlakyContainerd:
             raise ReloadFailed("CRI did not answer")
 
 
-def test_every_attempt_closes_the_gate_for_the_interval_failed_ones_too() -> None:
+def test_every_attempt_closes_the_gate_for_the_interval_failed_ones_too(tmp_path: Path) -> None:
     clock = Clock()
     gate = RestartGate(min_interval=30, clock=clock)
-    recorder = RecordingRestart(FlakyContainerd([False, True]), gate)
+    secret_file = tmp_path / "secret.json"
+    secret_file.write_bytes(auths(reg_example="pw"))
+    config_toml = NodeFile(ContainerdFormat(), tmp_path / "config.toml", restarts_containerd=True)
+    store = StateStore(tmp_path / "state")
+    reconciler = Reconciler([config_toml], store, FlakyContainerd([False, True]), clock=clock)
+    worker = Worker(
+        queue=WorkQueue(debounce=0.0, clock=clock),
+        sources=CredentialSources(files=[secret_file]),
+        reconciler=reconciler,
+        reporter=DaemonReporter(
+            metrics=AgentMetrics(CollectorRegistry(), process=False),
+            events=RecordedEvents(),
+            readiness=Readiness(Health(), CredentialSources()),
+        ),
+        readiness=Readiness(Health(), CredentialSources()),
+        health=Health(),
+        gate=gate,
+        clock=clock,
+    )
     assert gate.is_open()
-    with pytest.raises(ReloadFailed):
-        recorder.restart_and_verify()
-    recorder.restart_and_verify()
-    assert recorder.take_result() == "rolled_back"
-    assert recorder.take_result() is None
+    report = worker.handle(Batch(frozenset({START})))
+    assert report is not None and (report.result, report.restart) == ("error", "rolled_back")
     assert not gate.is_open()
     clock.now += 29.9
     assert not gate.is_open()
@@ -502,7 +503,6 @@ def test_a_bug_in_a_pass_counts_as_an_error_turns_readiness_off_and_raises_an_ev
     config_json = tmp_path / "config.json"
     files = (NodeFile(BuggyKubeletFormat(), config_json),)
     store = StateStore(tmp_path / "state")
-    targets = NodeTargets(files, store, Reconciler(files, store, None), None)
     sources = CredentialSources(files=[secret_file])
     health = Health()
     metrics = AgentMetrics(CollectorRegistry(), process=False)
@@ -512,7 +512,7 @@ def test_a_bug_in_a_pass_counts_as_an_error_turns_readiness_off_and_raises_an_ev
     worker = Worker(
         queue=WorkQueue(debounce=0.0),
         sources=sources,
-        targets=targets,
+        reconciler=Reconciler(files, store),
         reporter=reporter,
         readiness=readiness,
         health=health,

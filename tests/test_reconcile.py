@@ -181,8 +181,14 @@ def test_missing_files_are_created(tmp_path: Path) -> None:
 
 def test_containerd_not_coming_back_rolls_config_toml_back(node: Node) -> None:
     node.containerd.failures_left = 1
-    with pytest.raises(ReloadFailed, match=r"previous config\.toml restored"):
-        node.reconciler().reconcile(CREDENTIALS)
+    outcome = node.reconciler().reconcile(CREDENTIALS)
+    assert outcome.restart is not None and outcome.restart.result == "rolled_back"
+    assert outcome.restart.error is not None
+    assert outcome.restart.error.endswith(
+        "; previous config.toml restored and containerd restarted healthy"
+    )
+    assert outcome.in_sync_by_target == {"containerd": False, "kubelet": True}
+    assert set(outcome.written) == {"kubelet", "containerd"}
     assert node.config_toml.read_text() == CONTAINERD_CONFIG
     assert node.containerd.restarts == 2
     assert not node.state.load().containerd_restart_pending
@@ -190,10 +196,68 @@ def test_containerd_not_coming_back_rolls_config_toml_back(node: Node) -> None:
 
 def test_rollback_that_also_fails_says_so_and_keeps_the_restart_pending(node: Node) -> None:
     node.containerd.failures_left = 2
-    with pytest.raises(ReloadFailed, match="still failed"):
-        node.reconciler().reconcile(CREDENTIALS)
+    outcome = node.reconciler().reconcile(CREDENTIALS)
+    assert outcome.restart is not None and outcome.restart.result == "failed"
+    assert outcome.restart.error is not None and "still failed" in outcome.restart.error
     assert node.config_toml.read_text() == CONTAINERD_CONFIG
     assert node.state.load().containerd_restart_pending
+
+
+@pytest.mark.parametrize(
+    ("failures", "result", "restarts"),
+    [(0, "success", 1), (1, "rolled_back", 2), (2, "failed", 2)],
+)
+def test_each_restart_attempt_is_timed_for_the_restart_gate(
+    node: Node, failures: int, result: str, restarts: int
+) -> None:
+    ticks = iter(range(100, 200))
+    node.containerd.failures_left = failures
+    reconciler = node.reconciler()
+    reconciler.clock = lambda: float(next(ticks))
+    outcome = reconciler.reconcile(CREDENTIALS)
+    assert outcome.restart is not None and outcome.restart.result == result
+    assert node.containerd.restarts == restarts
+    # The last attempt's start: the rollback's restart, when there was one.
+    assert outcome.restart.last_attempt_at == 100.0 + restarts - 1
+
+
+def test_a_restart_left_pending_with_nothing_to_roll_back_to_fails(node: Node) -> None:
+    node.reconciler().reconcile(CREDENTIALS)
+    node.state.save(AgentState(owned=node.state.load().owned, containerd_restart_pending=True))
+    node.containerd.failures_left = 1
+    outcome = node.reconciler().reconcile(CREDENTIALS)
+    assert outcome.restart is not None and outcome.restart.result == "failed"
+    assert outcome.written == ()
+    assert node.containerd.restarts == 2
+    assert node.state.load().containerd_restart_pending
+
+
+def test_without_permission_to_restart_containerd_its_file_waits_and_is_owed_a_restart(
+    node: Node,
+) -> None:
+    before = node.config_toml.read_bytes()
+    outcome = node.reconciler().reconcile(CREDENTIALS, may_restart=False)
+    assert outcome.written == ("kubelet",)
+    assert outcome.restart is None and outcome.restart_owed
+    assert outcome.in_sync_by_target == {"containerd": False, "kubelet": True}
+    assert node.config_toml.read_bytes() == before
+    assert node.containerd.restarts == 0
+    assert "containerd" not in node.state.load().owned  # nothing of it taken yet
+    outcome = node.reconciler().reconcile(CREDENTIALS, may_restart=True)
+    assert outcome.written == ("containerd",)
+    assert outcome.restart is not None and outcome.restart.succeeded
+    assert not outcome.restart_owed and outcome.in_sync
+
+
+def test_a_dry_run_reconciler_only_inspects(node: Node) -> None:
+    before = (node.config_toml.read_bytes(), node.config_json.read_bytes())
+    reconciler = node.reconciler()
+    reconciler.dry_run = True
+    outcome = reconciler.reconcile(CREDENTIALS)
+    assert outcome.dry_run and outcome.written == () and outcome.restart is None
+    assert [p.needs_write for p in outcome.files] == [True, True]
+    assert (node.config_toml.read_bytes(), node.config_json.read_bytes()) == before
+    assert not node.state.path.exists() and node.containerd.restarts == 0
 
 
 def test_a_restart_interrupted_by_a_crash_happens_on_the_next_pass(node: Node) -> None:
@@ -201,7 +265,7 @@ def test_a_restart_interrupted_by_a_crash_happens_on_the_next_pass(node: Node) -
     # As if the process died after writing config.toml but before restarting containerd.
     node.state.save(AgentState(owned=node.state.load().owned, containerd_restart_pending=True))
     outcome = node.reconciler().reconcile(CREDENTIALS)
-    assert outcome.containerd_restarted
+    assert outcome.restart is not None and outcome.restart.succeeded
     assert node.containerd.restarts == 2
     assert not node.state.load().containerd_restart_pending
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from node_agent.app import build_reconciler
 from node_agent.daemon.file_watch import (
     DirectoryWatch,
     Interest,
@@ -25,9 +26,9 @@ from node_agent.daemon.file_watch import (
     interest_in_source,
 )
 from node_agent.daemon.report import DaemonReporter, EventSink, Readiness
+from node_agent.daemon.restarts import RestartGate
 from node_agent.daemon.slot_report import SlotEvents
 from node_agent.daemon.sources import CredentialSources
-from node_agent.daemon.targets import NodeTargets, build_targets
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
 from node_agent.daemon.worker import (
     RESTART_ALLOWED,
@@ -115,8 +116,11 @@ class Daemon:
             fallback_files=node.fallback_secret_files,
             on_delete=settings.on_secret_delete,
         )
-        self.targets: NodeTargets = build_targets(
-            node, min_reload_interval=settings.min_reload_interval, clock=parts.clock
+        self.reconciler = build_reconciler(node, clock=parts.clock)
+        self.gate = (
+            RestartGate(min_interval=settings.min_reload_interval, clock=parts.clock)
+            if self.reconciler.restarts_containerd
+            else None
         )
         self.queue = WorkQueue(debounce=settings.debounce, clock=parts.clock)
         readiness = Readiness(parts.health, self.sources)
@@ -128,13 +132,13 @@ class Daemon:
         self.worker = Worker(
             queue=self.queue,
             sources=self.sources,
-            targets=self.targets,
+            reconciler=self.reconciler,
             reporter=self.reporter,
             readiness=readiness,
             health=_Beats(parts.health, self._other_loops),
             timing=parts.timing,
+            gate=self.gate,
             slot=self.slots,
-            dry_run=node.dry_run,
             clock=parts.clock,
         )
         self._worker_thread = threading.Thread(target=self.worker.run, name="worker", daemon=True)
@@ -204,7 +208,7 @@ class Daemon:
 
     def _restart_slots(self) -> RestartSlots | None:
         settings = self.settings
-        if not settings.coordinates_restarts or self.targets.restarts is None:
+        if not settings.coordinates_restarts or not self.reconciler.restarts_containerd:
             return None
         restarts = settings.restarts
         if self.parts.api is None or not settings.node_name or not restarts.lease_namespace:
@@ -267,7 +271,7 @@ class Daemon:
     def _interests(self) -> list[Interest]:
         node_files = [
             interest_in_file(node_file.path, self._requester(Trigger("node-file", node_file.name)))
-            for node_file in self.targets.files
+            for node_file in self.reconciler.node_files
         ]
         source_files = [
             interest_in_source(path, self._requester(Trigger("source-file", str(path))))

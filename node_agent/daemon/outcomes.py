@@ -1,13 +1,12 @@
-"""What a reconcile pass means for the daemon. Pure, except `read_fingerprint`.
+"""What a reconcile pass means for the daemon, beyond its `Outcome`. Pure, except
+`read_fingerprint`.
 
 - Which targets got new credentials and which were repaired: a target rewritten although the
   credentials are the ones last applied to it was changed by someone else (drift).
-- Whether each target is in sync afterwards, and how many registries it carries.
-- What the node files hold afterwards (`Fingerprint`s), so that a file event caused by the
+- What the node files hold after a pass (`Settled`), so that a file event caused by the
   agent's own write, or a resync that finds everything as it was left, needs no new pass.
 """
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,7 @@ from pathlib import Path
 from node_agent.atomic import read_snapshot
 from node_agent.credentials import Credentials
 from node_agent.errors import WriteFailed
-from node_agent.reconcile import Outcome, PreparedFile
-
-Fingerprint = bytes | None
-"""sha256 of a file's bytes; None: the file does not exist."""
-
-
-def fingerprint(content: bytes | None) -> Fingerprint:
-    return None if content is None else hashlib.sha256(content).digest()
+from node_agent.reconcile import Fingerprint, Outcome, fingerprint
 
 
 def read_fingerprint(path: Path) -> Fingerprint | str:
@@ -68,39 +60,11 @@ def written_targets(
     brought in sync with."""
     return [
         TargetWrite(
-            target=prepared.node_file.name,
+            target=prepared.name,
             path=prepared.node_file.path,
             registries=tuple(change.key for change in prepared.plan.changes),
-            drift=applied.get(prepared.node_file.name) == credentials,
+            drift=applied.get(prepared.name) == credentials,
         )
         for prepared in outcome.files
-        if prepared.needs_write
+        if prepared.name in outcome.written
     ]
-
-
-def in_sync_after(outcome: Outcome, *, written: bool) -> dict[str, bool]:
-    """Per target: does the file carry the desired state (and, for containerd, is it
-    running with it)? `written`: the pass wrote what it planned (reconcile, not inspect)."""
-    return {
-        prepared.node_file.name: (written or prepared.plan.in_sync)
-        and not (prepared.node_file.restarts_containerd and outcome.restart_pending)
-        for prepared in outcome.files
-    }
-
-
-def managed_registries(outcome: Outcome) -> dict[str, int]:
-    return {prepared.node_file.name: prepared.desired_count for prepared in outcome.files}
-
-
-def fingerprints_after(outcome: Outcome, *, written: bool) -> dict[Path, Fingerprint]:
-    """Each node file's fingerprint once `outcome`'s writes (if `written`) are done."""
-    return {
-        prepared.snapshot.path: fingerprint(_content_after(prepared, written=written))
-        for prepared in outcome.files
-    }
-
-
-def _content_after(prepared: PreparedFile, *, written: bool) -> bytes | None:
-    if written and prepared.needs_write and prepared.new_text is not None:
-        return prepared.new_text.encode("utf-8")
-    return prepared.snapshot.content

@@ -7,10 +7,10 @@ A pass: re-read the file sources, merge every source's last good credentials, th
   exactly as the last pass left them (the echo of our own write);
 - count a no-op without reading any file format, if that last pass left everything in sync
   (a resync that finds nothing, the usual case);
-- otherwise reconcile: with every file when a containerd restart is allowed (the restart
-  interval has passed and, with restart slots, this node holds one), else with the files
-  that need no restart, and ask for one more pass when the restart is allowed (a timer for
-  the interval; the slot's `on_granted` for a slot).
+- otherwise reconcile, allowed to restart containerd when the restart interval has passed
+  and, with restart slots, this node holds one. When the `Outcome` says containerd is owed
+  a restart it was not allowed to make, ask for one more pass when it is (a timer for the
+  interval; the slot's `on_granted` for a slot).
 
 A failed pass is retried with jittered exponential backoff (reset by a successful pass).
 Nothing here talks to Prometheus or the API: a `PassReport` goes to the `Reporter`.
@@ -26,22 +26,12 @@ from typing import Literal, Protocol
 
 from node_agent.backoff import Backoff
 from node_agent.credentials import Credentials
-from node_agent.daemon.outcomes import (
-    Fingerprint,
-    Settled,
-    TargetWrite,
-    fingerprints_after,
-    in_sync_after,
-    managed_registries,
-    read_fingerprint,
-    written_targets,
-)
-from node_agent.daemon.restarts import RestartResult
+from node_agent.daemon.outcomes import Settled, TargetWrite, read_fingerprint, written_targets
+from node_agent.daemon.restarts import RestartGate
 from node_agent.daemon.sources import CredentialSources, SourceChange
-from node_agent.daemon.targets import NodeTargets, RestartControl
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
-from node_agent.errors import InternalError, NodeAgentError, unexpected
-from node_agent.reconcile import Outcome
+from node_agent.errors import InternalError, NodeAgentError, ReloadFailed, unexpected
+from node_agent.reconcile import Fingerprint, Outcome, Reconciler, RestartResult
 from node_agent.report import change_summary
 
 log = logging.getLogger(__name__)
@@ -125,25 +115,26 @@ class Worker:
         *,
         queue: WorkQueue,
         sources: CredentialSources,
-        targets: NodeTargets,
+        reconciler: Reconciler,
         reporter: Reporter,
         readiness: ReadinessTracker,
         health: HealthBeat,
         timing: WorkerTiming | None = None,
+        gate: RestartGate | None = None,
         slot: RestartSlot | None = None,
-        dry_run: bool = False,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
+        """`gate` and `slot`: what a containerd restart waits for (None: nothing)."""
         self._queue = queue
         self._sources = sources
-        self._targets = targets
+        self._reconciler = reconciler
         self._reporter = reporter
         self._readiness = readiness
         self._health = health
         self._timing = timing or WorkerTiming()
+        self._gate = gate
         self._slot = slot
-        self._dry_run = dry_run
         self._clock = clock
         self._retry = Backoff(
             initial=self._timing.retry_initial,
@@ -208,53 +199,50 @@ class Worker:
     def _run_pass(self, batch: Batch, credentials: Credentials) -> PassReport:
         log.info("reconciling: %s", batch)
         started = self._clock()
-        restarts = self._targets.restarts
+        may_restart = self._may_restart()
         try:
-            if self._dry_run:
-                report = self._dry_run_pass(credentials)
-            elif restarts is not None and not self._may_restart(restarts):
-                report = self._pass_without_restart(credentials, restarts)
-            else:
-                report = self._full_pass(credentials)
+            outcome = self._reconciler.reconcile(credentials, may_restart=may_restart)
+            report = self._report_of(credentials, outcome, held_back=not may_restart)
         except NodeAgentError as error:
             report = self._failed_pass(credentials, error)
         except Exception as error:  # a bug: a failed pass like any other, and not ready
             report = self._failed_pass(credentials, unexpected(error, doing="reconciling"))
-        restart = restarts.recorder.take_result() if restarts is not None else None
-        report = replace(report, duration=self._clock() - started, restart=restart)
-        if self._slot is not None and restarts is not None:
+        report = replace(report, duration=self._clock() - started)
+        if self._slot is not None and self._reconciler.restarts_containerd:
             self._slot.pass_done(
-                restart=restart,
-                containerd_in_sync=all(report.in_sync.get(name, False) for name in restarts.names),
+                restart=report.restart,
+                containerd_in_sync=all(
+                    report.in_sync.get(name, False) for name in self._restarting_targets
+                ),
                 failed=report.result == "error",
             )
         return report
 
-    def _may_restart(self, restarts: RestartControl) -> bool:
-        return restarts.gate.is_open() and (self._slot is None or self._slot.may_restart())
-
-    def _full_pass(self, credentials: Credentials) -> PassReport:
-        outcome = self._targets.full.reconcile(credentials)
-        in_sync = in_sync_after(outcome, written=True)
-        return self._succeeded(
-            credentials,
-            outcome,
-            in_sync=in_sync,
-            fingerprints=fingerprints_after(outcome, written=True),
-        )
-
-    def _pass_without_restart(
-        self, credentials: Credentials, restarts: RestartControl
+    def _report_of(
+        self, credentials: Credentials, outcome: Outcome, *, held_back: bool
     ) -> PassReport:
-        """containerd restarted too recently: apply what needs no restart, and come back for
-        containerd's file when the gate opens."""
-        outcome = restarts.without_restart.reconcile(credentials)
-        inspection = restarts.containerd_only.inspect(credentials)
-        containerd_in_sync = in_sync_after(inspection, written=False)
-        if all(containerd_in_sync.values()):
-            self._applied.update(dict.fromkeys(containerd_in_sync, credentials))
-        elif not restarts.gate.is_open():
-            opens_at = restarts.gate.opens_at()
+        restart = outcome.restart
+        if restart is not None and self._gate is not None:
+            self._gate.record_attempt(at=restart.last_attempt_at)
+        if outcome.dry_run:
+            return self._dry_run_report(outcome)
+        if restart is not None and not restart.succeeded:
+            report = self._failed_pass(credentials, ReloadFailed(restart.error or restart.result))
+            return replace(report, restart=restart.result)
+        if held_back and outcome.restart_owed:
+            self._wait_for_restart()
+        report = self._succeeded(credentials, outcome, held_back=held_back)
+        return replace(report, restart=None if restart is None else restart.result)
+
+    def _may_restart(self) -> bool:
+        if self._gate is not None and not self._gate.is_open():
+            return False
+        return self._slot is None or self._slot.may_restart()
+
+    def _wait_for_restart(self) -> None:
+        """containerd's file waits for a restart: come back when one is allowed."""
+        if self._gate is not None and not self._gate.is_open():
+            opens_at = self._gate.opens_at()
             log.info(
                 "containerd: restarted recently; next restart in %.1fs", opens_at - self._clock()
             )
@@ -262,28 +250,19 @@ class Worker:
         elif self._slot is not None:
             log.info("containerd: config change waits for a restart slot")
             self._slot.request()
-        fingerprints = {
-            **fingerprints_after(outcome, written=True),
-            **fingerprints_after(inspection, written=False),
-        }
-        in_sync = {**in_sync_after(outcome, written=True), **containerd_in_sync}
-        report = self._succeeded(credentials, outcome, in_sync=in_sync, fingerprints=fingerprints)
-        managed = {**managed_registries(inspection), **report.managed}
-        return replace(report, managed=managed)
 
     def _succeeded(
-        self,
-        credentials: Credentials,
-        outcome: Outcome,
-        *,
-        in_sync: dict[str, bool],
-        fingerprints: Mapping[Path, Fingerprint],
+        self, credentials: Credentials, outcome: Outcome, *, held_back: bool
     ) -> PassReport:
         self._log_new_warnings(outcome.warnings)
         writes = written_targets(outcome, credentials, self._applied)
-        self._applied.update({p.node_file.name: credentials for p in outcome.files})
+        in_sync = outcome.in_sync_by_target
+        # A file waiting for a restart has not been brought in sync with these credentials.
+        self._applied.update(
+            {name: credentials for name, ok in in_sync.items() if ok or not held_back}
+        )
         fully = all(in_sync.values())
-        self._left = Settled(credentials, {**fingerprints, **self._state_fingerprint()})
+        self._left = Settled(credentials, {**outcome.fingerprints, **self._state_fingerprint()})
         self._left_in_sync = fully
         self._retry.reset()
         self._last_error = None
@@ -292,21 +271,20 @@ class Worker:
             result="applied" if outcome.changed else "noop",
             writes=tuple(writes),
             in_sync=in_sync,
-            managed=managed_registries(outcome),
+            managed=outcome.registries_by_target,
             fully_in_sync=fully,
         )
 
-    def _dry_run_pass(self, credentials: Credentials) -> PassReport:
-        outcome = self._targets.full.inspect(credentials)
+    def _dry_run_report(self, outcome: Outcome) -> PassReport:
         for prepared in outcome.files:
             for line in change_summary(prepared):
                 log.info("dry run: would %s", line)
         self._readiness.pass_succeeded()
-        in_sync = in_sync_after(outcome, written=False)
+        in_sync = outcome.in_sync_by_target
         return PassReport(
             result="noop",
             in_sync=in_sync,
-            managed=managed_registries(outcome),
+            managed=outcome.registries_by_target,
             fully_in_sync=all(in_sync.values()),
         )
 
@@ -342,24 +320,32 @@ class Worker:
     def _in_sync_now(self, credentials: Credentials) -> dict[str, bool]:
         """After a failure: what the files hold now, as far as they can be read."""
         try:
-            return in_sync_after(self._targets.full.inspect(credentials), written=False)
+            return self._reconciler.inspect(credentials).in_sync_by_target
         except NodeAgentError:
-            return dict.fromkeys(self._targets.names, False)
+            return dict.fromkeys(self._target_names, False)
 
     def _unchanged_report(self) -> PassReport:
         return PassReport(
-            result="noop", in_sync=dict.fromkeys(self._targets.names, True), fully_in_sync=True
+            result="noop", in_sync=dict.fromkeys(self._target_names, True), fully_in_sync=True
         )
 
     # helpers
 
+    @property
+    def _target_names(self) -> list[str]:
+        return [node_file.name for node_file in self._reconciler.node_files]
+
+    @property
+    def _restarting_targets(self) -> list[str]:
+        return [f.name for f in self._reconciler.node_files if f.restarts_containerd]
+
     def _current_fingerprints(self) -> dict[Path, Fingerprint | str]:
         """What the files hold now (after a failed pass, whose writes are unknown)."""
-        paths = [_resolved(node_file.path) for node_file in self._targets.files]
+        paths = [_resolved(node_file.path) for node_file in self._reconciler.node_files]
         return {path: read_fingerprint(path) for path in paths} | self._state_fingerprint()
 
     def _state_fingerprint(self) -> dict[Path, Fingerprint | str]:
-        state_file = self._targets.state_file
+        state_file = self._reconciler.state_store.path
         return {state_file: read_fingerprint(state_file)}
 
     def _arm_resync(self) -> None:
