@@ -2,7 +2,6 @@
 and runs the one-shot commands. Returns exit codes; only `node_agent.cli` exits."""
 
 import logging
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,8 +13,8 @@ from node_agent.ownership import StateStore
 from node_agent.reconcile import ContainerdRestart, NodeFile, Outcome, Reconciler
 from node_agent.report import change_summary, redacted_diff
 from node_agent.runtime import Restarter, make_restarter, restart_and_check
+from node_agent.secret_files import load_credentials
 from node_agent.settings import Settings
-from node_agent.sources import load_credentials
 from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
 
@@ -56,11 +55,11 @@ def containerd_restart(settings: Settings) -> ContainerdRestart | None:
     """How containerd gets restarted, or None when it must not be (--reload none)."""
     if settings.reload == "none" or "containerd" not in settings.targets:
         return None
-    command = shlex.join(settings.reload_command) if settings.reload_command else None
-    bus = f"unix:path={settings.on_host(settings.system_bus_socket)}"
-    trigger_dir = settings.on_host(settings.restart_trigger_dir)
     restarter = make_restarter(
-        settings.reload, command=command, bus_address=bus, trigger_dir=trigger_dir
+        settings.reload,
+        command=settings.reload_command,
+        bus_address=f"unix:path={settings.on_host(settings.system_bus_socket)}",
+        trigger_dir=settings.on_host(settings.restart_trigger_dir),
     )
     socket = str(settings.on_host(settings.containerd_socket))
     return RestartContainerd(restarter, socket, settings.reload_timeout)

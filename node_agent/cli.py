@@ -337,10 +337,6 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from parsed flags. Raises ValueError for combinations argparse cannot see."""
-    if args.reload == "command" and not args.reload_command:
-        raise ValueError("--reload command needs --reload-command")
-    if args.reload != "command" and args.reload_command:
-        raise ValueError("--reload-command is only used with --reload command")
     return Settings(
         secret_files=tuple(args.secret_file),
         fallback_secret_files=tuple(args.fallback_secret_file),
@@ -351,7 +347,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host_root=args.host_root,
         state_dir=args.state_dir,
         reload=args.reload,
-        reload_command=tuple(shlex.split(args.reload_command)) if args.reload_command else (),
+        reload_command=_restart_command(args.reload, args.reload_command),
         reload_timeout=args.reload_timeout,
         containerd_socket=args.containerd_socket,
         system_bus_socket=args.system_bus_socket,
@@ -360,6 +356,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log_format=args.log_format,
         log_level=args.log_level,
     )
+
+
+def _restart_command(mode: str, text: str | None) -> tuple[str, ...]:
+    """`--reload-command` split into its argv, here and only here."""
+    if mode != "command":
+        if text:
+            raise ValueError(f"--reload-command is only used with --reload command, not {mode}")
+        return ()
+    try:
+        argv = tuple(shlex.split(text or ""))
+    except ValueError as error:
+        raise ValueError(f"--reload-command cannot be parsed: {error}") from None
+    if not argv:
+        raise ValueError("--reload command needs --reload-command")
+    return argv
 
 
 def daemon_settings_from(args: argparse.Namespace) -> DaemonSettings:

@@ -99,7 +99,28 @@ def parse_secret_manifest(source: str, manifest: Mapping[str, Any]) -> Credentia
     """Credentials from a Kubernetes Secret object (manifest or API object as a dict)."""
     if manifest.get("kind") != "Secret":
         raise InvalidCredentials(source, "kind", "expected a Secret")
-    secret_type = manifest.get("type")
+    key = _key_for_type(source, manifest.get("type"))
+    return parse_secret_payload(source, key, _secret_payload(source, manifest, key))
+
+
+def parse_secret_data(source: str, secret_type: str, data: Mapping[str, bytes]) -> Credentials:
+    """Credentials from a Secret's type and its data, already decoded (what the API gives a
+    watcher once base64 is undone)."""
+    key = _key_for_type(source, secret_type)
+    if key not in data:
+        raise InvalidCredentials(source, f"data.{key}", "missing")
+    return parse_secret_payload(source, key, data[key])
+
+
+def parse_secret_payload(source: str, key: str, payload: bytes) -> Credentials:
+    """The document under a Secret's `.dockerconfigjson` or `.dockercfg` key."""
+    document = _load_json(source, key, payload)
+    if key == ".dockerconfigjson":
+        return parse_dockerconfigjson(f"{source} {key}", document)
+    return parse_dockercfg(f"{source} {key}", document)
+
+
+def _key_for_type(source: str, secret_type: object) -> str:
     key = SECRET_KEY_BY_TYPE.get(secret_type) if isinstance(secret_type, str) else None
     if key is None:
         raise InvalidCredentials(
@@ -107,11 +128,7 @@ def parse_secret_manifest(source: str, manifest: Mapping[str, Any]) -> Credentia
             "type",
             f"expected {SECRET_TYPE_DOCKERCONFIGJSON} or {SECRET_TYPE_DOCKERCFG}",
         )
-    payload = _secret_payload(source, manifest, key)
-    document = _load_json(source, key, payload)
-    if key == ".dockerconfigjson":
-        return parse_dockerconfigjson(f"{source} {key}", document)
-    return parse_dockercfg(f"{source} {key}", document)
+    return key
 
 
 def parse_docker_config(source: str, document: Mapping[str, Any]) -> Credentials:

@@ -1,7 +1,7 @@
 """Restarting containerd, and proving it came back healthy.
 
 containerd reads config.toml only at start, and SIGHUP kills it, so a changed auth table
-needs a real restart. Four strategies, chosen by ``--reload`` in :func:`make_restarter`:
+needs a real restart. ``--reload`` chooses how, :func:`make_restarter` builds it:
 
 * ``none``: the operator restarts containerd; the agent only writes files.
 * ``command``: run a command (``--reload-command``), e.g. ``nsenter -t 1 -m -- systemctl
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import signal
 import subprocess
 import tempfile
@@ -37,7 +36,6 @@ from typing import IO, Any, Protocol
 from node_agent.atomic import write_new_file
 from node_agent.cri import CriClient, CriError, RuntimeVersion
 from node_agent.errors import NodeAgentError, ReloadFailed
-from node_agent.settings import RELOAD_MODES
 
 DEFAULT_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
 CONTAINERD_UNIT = "containerd.service"
@@ -51,16 +49,6 @@ class Restarter(Protocol):
 
     def restart(self, *, timeout: float) -> None:
         """Raise :class:`ReloadFailed` when the restart failed or took longer than ``timeout``."""
-
-
-class NoRestart:
-    """``--reload none``: someone else restarts containerd."""
-
-    def restart(self, *, timeout: float) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return "NoRestart()"
 
 
 # --- command ------------------------------------------------------------------------------
@@ -376,30 +364,19 @@ def restart_and_check(restarter: Restarter, *, socket_path: str, timeout: float)
 
 
 def make_restarter(
-    mode: str, *, command: str | None, bus_address: str, trigger_dir: Path | None = None
+    mode: str,
+    *,
+    command: Sequence[str] = (),
+    bus_address: str = DEFAULT_BUS_ADDRESS,
+    trigger_dir: Path | None = None,
 ) -> Restarter:
-    """The :class:`Restarter` for ``--reload MODE``; ``command`` is ``--reload-command``,
-    ``trigger_dir`` the node's ``--restart-trigger-dir`` as reachable from here.
-
-    Raises ValueError for an unknown mode or a command that does not fit the mode.
-    """
-    if mode not in RELOAD_MODES:
-        raise ValueError(f"unknown reload mode {mode!r}; expected one of {', '.join(RELOAD_MODES)}")
-    if mode != "command" and command is not None:
-        raise ValueError(f"--reload-command is only used with --reload command, not {mode}")
+    """The :class:`Restarter` for ``--reload MODE`` (with ``none`` nothing restarts and there
+    is none). ``command`` is ``--reload-command`` as an argv, ``trigger_dir`` the node's
+    ``--restart-trigger-dir`` as reachable from here; the command line checked them."""
     if mode == "command":
-        return CommandRestarter(_split_command(command))
-    if mode == "trigger":
-        if trigger_dir is None:
-            raise ValueError("--reload trigger needs --restart-trigger-dir")
+        return CommandRestarter(command)
+    if mode == "trigger" and trigger_dir is not None:
         return TriggerRestarter(trigger_dir)
-    return NoRestart() if mode == "none" else SystemdRestarter(bus_address=bus_address)
-
-
-def _split_command(command: str | None) -> list[str]:
-    if command is None or not command.strip():
-        raise ValueError("--reload command needs --reload-command")
-    try:
-        return shlex.split(command)
-    except ValueError as error:
-        raise ValueError(f"--reload-command cannot be parsed: {error}") from error
+    if mode == "systemd":
+        return SystemdRestarter(bus_address=bus_address)
+    raise ValueError(f"no containerd restart for --reload {mode}")

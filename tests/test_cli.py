@@ -179,6 +179,29 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert exited.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--reload", "command"], "--reload command needs --reload-command"),
+        (["--reload", "command", "--reload-command", "   "], "--reload command needs"),
+        (
+            ["--reload", "command", "--reload-command", "systemctl 'restart"],
+            "--reload-command cannot be parsed: No closing quotation",
+        ),
+        (["--reload", "none", "--reload-command", "x"], "only used with --reload command, not"),
+        (["--reload-command", "x"], "only used with --reload command, not systemd"),
+        (["--reload", "reboot"], "invalid choice: 'reboot'"),
+    ],
+)
+def test_restart_flags_that_do_not_fit_are_usage_errors_naming_the_flag(
+    flags: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run("reconcile", "--secret-file", "s", *flags)
+    assert exited.value.code == 2
+    assert problem in capsys.readouterr().err
+
+
 def test_json_logs_are_one_object_per_line(
     host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,7 @@ from node_agent.credentials import (
     parse_document,
 )
 from node_agent.errors import InvalidCredentials
-from node_agent.sources import load_credentials, load_secret_file
+from node_agent.secret_files import load_credentials, load_secret_file
 
 PASSWORD = "s3cr3t-Pa55"
 

@@ -17,7 +17,6 @@ pass without them would remove what a source not read yet may still want (the st
 earlier run says the agent owns those entries).
 """
 
-import base64
 import hashlib
 import logging
 import threading
@@ -25,12 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.credentials import Credentials, merge_by_priority, parse_document
-from node_agent.credentials import parse_secret_manifest as parse_manifest
+from node_agent.credentials import (
+    Credentials,
+    merge_by_priority,
+    parse_document,
+    parse_secret_data,
+)
 from node_agent.errors import InvalidCredentials
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
-from node_agent.sources import SECRET_VOLUME_KEYS
+from node_agent.secret_files import read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +69,7 @@ class _Source:
 def credentials_from_secret(ref: ObjectRef, content: SecretContent) -> Credentials:
     """The credentials in a Secret's content, validated like a Secret manifest. Raises
     InvalidCredentials naming the Secret and the field, never a value."""
-    encoded = {key: base64.b64encode(value).decode("ascii") for key, value in content.data.items()}
-    return parse_manifest(str(ref), {"kind": "Secret", "type": content.type, "data": encoded})
-
-
-def read_source_file(path: Path) -> bytes:
-    """The bytes of a `--secret-file`: the file, or the key file of a Secret volume directory.
-    Raises InvalidCredentials."""
-    if path.is_dir():
-        key_file = next((path / k for k in SECRET_VOLUME_KEYS if (path / k).is_file()), None)
-        if key_file is None:
-            raise InvalidCredentials(
-                str(path), "path", "directory has no .dockerconfigjson or .dockercfg"
-            )
-        path = key_file
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidCredentials(str(path), "path", "no such file") from None
-    except OSError as error:
-        raise InvalidCredentials(str(path), "path", f"cannot read: {error.strerror}") from None
+    return parse_secret_data(str(ref), content.type, content.data)
 
 
 class CredentialSources:
@@ -165,7 +149,7 @@ class CredentialSources:
     def _refresh_file(self, path: Path) -> SourceChange:
         name = str(path)
         try:
-            raw = read_source_file(path)
+            raw = read_secret_file(path)
         except InvalidCredentials as invalid:
             return self._invalid(name, str(invalid), digest=None)
         digest = hashlib.sha256(raw).digest()

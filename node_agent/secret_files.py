@@ -1,4 +1,5 @@
-"""Credential sources on disk: the thin I/O around `node_agent.credentials`.
+"""Credential sources on disk: the thin I/O around `node_agent.credentials`, for the one-shot
+commands and the daemon alike.
 
 A `--secret-file` path is a docker config document, a Secret manifest, or a directory that
 is a mounted Secret volume (kubelet publishes its keys as files, swapped through `..data`).
@@ -14,28 +15,27 @@ from node_agent.errors import InvalidCredentials
 SECRET_VOLUME_KEYS = (".dockerconfigjson", ".dockercfg")
 
 
+def read_secret_file(path: Path) -> bytes:
+    """The bytes of a `--secret-file`: the file, or the key file of a Secret volume directory.
+    Raises InvalidCredentials."""
+    if path.is_dir():
+        key_file = next((path / k for k in SECRET_VOLUME_KEYS if (path / k).is_file()), None)
+        if key_file is None:
+            raise InvalidCredentials(
+                str(path), "path", "directory has no .dockerconfigjson or .dockercfg"
+            )
+        path = key_file
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidCredentials(str(path), "path", "no such file") from None
+    except OSError as error:
+        raise InvalidCredentials(str(path), "path", f"cannot read: {error.strerror}") from None
+
+
 def load_secret_file(path: Path) -> Credentials:
     """Credentials from one `--secret-file` path. Raises InvalidCredentials."""
-    source = str(path)
-    if path.is_dir():
-        return _load_secret_volume(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidCredentials(source, "path", "no such file") from None
-    except OSError as error:
-        raise InvalidCredentials(source, "path", f"cannot read: {error.strerror}") from None
-    return parse_document(source, raw)
-
-
-def _load_secret_volume(directory: Path) -> Credentials:
-    for key in SECRET_VOLUME_KEYS:
-        candidate = directory / key
-        if candidate.is_file():
-            return load_secret_file(candidate)
-    raise InvalidCredentials(
-        str(directory), "path", "directory has no .dockerconfigjson or .dockercfg"
-    )
+    return parse_document(str(path), read_secret_file(path))
 
 
 def load_credentials(
