@@ -445,7 +445,16 @@ def _check_listen_address(address: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """The command line; the exit code. Never exits itself: argparse's usage errors and
+    `--help` (which it prints, then raises SystemExit for) become return codes here."""
     parser = build_parser(os.environ if environ is None else environ)
+    try:
+        return _main(parser, argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else app.EXIT_USAGE
+
+
+def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         configure_logging(log_format="text", level="warning")

@@ -324,8 +324,9 @@ def test_restarts_are_rate_limited_and_changes_during_the_wait_coalesce(
     agent.wait_for_passwords("one")
     update_secret(kube_api, "two")
     wait_until(lambda: node.kubelet_password() == "two")
+    # The metric follows the pass's writes: wait for the pass to be reported.
+    wait_until(lambda: agent.metric("node_agent_in_sync", target="containerd") == 0)
     assert node.containerd_password() == "one"
-    assert agent.metric("node_agent_in_sync", target="containerd") == 0
     update_secret(kube_api, "three")
     agent.wait_for_passwords("three")
     agent.wait_idle()
