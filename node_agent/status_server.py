@@ -1,24 +1,31 @@
 """Metrics and health over HTTP on one port: `/metrics`, `/healthz`, `/readyz`.
 
 `Health` is the state the daemon's loops update; `StatusServer` answers from it and from the
-metrics registry. The server is the stdlib `ThreadingHTTPServer`: one short-lived daemon
-thread per request, HTTP/1.0 (each connection closes after its answer), no request log.
-Its accept loop waits on the listening socket and a wake-up socket together, so an idle
-server costs no CPU and `stop()` returns at once (`serve_forever` polls twice a second and
-needs up to that long to stop).
+metrics registry.
+
+The port is reachable from the pod network, so the server is bounded whatever a client does:
+one thread serves every connection from a `selectors` loop (no thread per connection to run
+out of), at most `ServerLimits.connections` are open at once (a new one pushes out the
+oldest, so a probe is never locked out by clients that connect and say nothing), a request's
+headers may take at most `header_bytes` (431 beyond), and a connection gets one deadline for
+everything, from accept to the last byte of the answer. Answers are HTTP/1.0 and the
+connection closes after each. `/metrics` is rendered only for a client still connected.
+An idle server costs no CPU; `stop()` returns at once (a wake-up socket ends the loop).
 """
 
+import contextlib
+import errno
 import gzip
 import logging
 import selectors
 import socket
-import socketserver
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
@@ -30,6 +37,25 @@ log = logging.getLogger(__name__)
 
 _REASON_LIMIT = 300  # a probe answer is one line, read by humans in `kubectl describe pod`
 _TEXT = "text/plain; charset=utf-8"
+_SERVER: Final = "node-agent"
+_READ_CHUNK = 4096
+_ACCEPTS_PER_ROUND = 64
+_LISTEN_BACKLOG = 128
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may cost the status server."""
+
+    connections: int = 64
+    """Open connections at most; a new one closes the oldest."""
+    header_bytes: int = 8192
+    """Request line and headers together; more is answered 431."""
+    request_seconds: float = 5.0
+    """From accept to the last byte of the answer, for the whole request."""
+    linger_seconds: float = 1.0
+    """After answering a client that is still sending, how long its rest is read and
+    dropped before the close (closing with unread data would reset the answer away)."""
 
 
 class Health:
@@ -133,91 +159,277 @@ def _probe(ok: bool, reason: str) -> _Answer:
     return _text(200, "ok") if ok else _text(503, reason)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never holds up stop() or the process's exit
-    timeout = 0.0  # handle_request() is called only when a connection is already waiting
-
-    def __init__(self, bind: BindAddress, *, metrics: AgentMetrics, health: Health) -> None:
-        self.metrics = metrics
-        self.health = health
-        self.dual_stack = not bind.host and socket.has_dualstack_ipv6()
-        host = bind.host or ("::" if self.dual_stack else "0.0.0.0")  # noqa: S104 - on purpose
-        family, _, _, _, sockaddr = socket.getaddrinfo(
-            host, bind.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        self.address_family = family
-        super().__init__((str(sockaddr[0]), int(sockaddr[1])), _Handler)
-
-    def server_bind(self) -> None:
-        # Skips HTTPServer.server_bind, whose reverse DNS lookup (getfqdn) can hang for
-        # seconds in a pod; the server name is not used.
-        if self.dual_stack:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients hang up, send garbage, time out: none of it concerns the operator.
-        log.debug("status server: request from %s failed", client_address, exc_info=True)
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    target: str
+    headers: Mapping[str, str]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = 10  # seconds: a client that connects and says nothing is dropped
-    server_version = "node-agent"
-    # Errors of unparseable requests (TLS by mistake, garbage) as plain HTTP/1.0 answers,
-    # instead of the stdlib's header-less HTTP/0.9 HTML page.
-    default_request_version = "HTTP/1.0"
-    error_message_format = "%(code)d %(message)s\n"
-    error_content_type = _TEXT
+class _BadRequest(Exception):
+    def __init__(self, status: HTTPStatus) -> None:
+        super().__init__(status.phrase)
+        self.status = status
 
-    def version_string(self) -> str:
-        return self.server_version  # no Python version on the wire
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: scrapes and probes every few seconds would drown the agent's own log."""
+def _parse_request(head: bytes) -> _Request:
+    """The request line and headers of `head` (everything before the blank line)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise _BadRequest(HTTPStatus.BAD_REQUEST) from None
+    request_line, *header_lines = text.split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/"):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST)
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise _BadRequest(HTTPStatus.BAD_REQUEST)
+        headers[name.lower()] = value.strip()
+    return _Request(method, target, headers)
 
-    def do_GET(self) -> None:
-        self._send(self._answer(), with_body=True)
 
-    def do_HEAD(self) -> None:
-        self._send(self._answer(), with_body=False)
+def _encoded(answer: _Answer, *, with_body: bool) -> bytes:
+    reason = HTTPStatus(answer.status).phrase
+    lines = [
+        f"HTTP/1.0 {answer.status} {reason}",
+        f"Server: {_SERVER}",
+        f"Date: {formatdate(usegmt=True)}",
+        f"Content-Type: {answer.content_type}",
+        f"Content-Length: {len(answer.body)}",
+        *(f"{name}: {value}" for name, value in answer.headers.items()),
+        "Connection: close",
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + answer.body if with_body else head
 
-    def _answer(self) -> _Answer:
-        url = urlsplit(self.path)
+
+class _Responder:
+    """What to answer to a request: routes and renders, no sockets."""
+
+    def __init__(self, *, metrics: AgentMetrics, health: Health) -> None:
+        self._metrics = metrics
+        self._health = health
+
+    def answer(self, request: _Request) -> _Answer:
+        if request.method not in ("GET", "HEAD"):
+            return _text(HTTPStatus.NOT_IMPLEMENTED, "only GET and HEAD")
+        url = urlsplit(request.target)
         try:
             if url.path == "/metrics":
-                return self._metrics(parse_qs(url.query))
+                return self._metrics_answer(parse_qs(url.query), request.headers)
             if url.path == "/healthz":
-                return _probe(*self.server.health.liveness())
+                return _probe(*self._health.liveness())
             if url.path == "/readyz":
-                return _probe(*self.server.health.readiness())
+                return _probe(*self._health.readiness())
         except Exception:
             log.exception("status server: answering %s failed", url.path)
             return _text(500, "internal error, see the agent's log")
         return _text(404, "not found: try /metrics, /healthz or /readyz")
 
-    def _metrics(self, query: Mapping[str, list[str]]) -> _Answer:
+    def _metrics_answer(
+        self, query: Mapping[str, list[str]], headers: Mapping[str, str]
+    ) -> _Answer:
         """The registry in the format the scraper asks for (Accept: text or OpenMetrics),
         gzipped if it accepts that, optionally only the families in `name[]`."""
-        collector: Collector = self.server.metrics.registry
+        collector: Collector = self._metrics.registry
         if "name[]" in query:
-            collector = self.server.metrics.registry.restricted_registry(query["name[]"])
-        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            collector = self._metrics.registry.restricted_registry(query["name[]"])
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
         body = encoder(collector)
-        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+        if gzip_accepted(headers.get("accept-encoding", "")):
             return _Answer(200, content_type, gzip.compress(body), {"Content-Encoding": "gzip"})
         return _Answer(200, content_type, body)
 
-    def _send(self, answer: _Answer, *, with_body: bool) -> None:
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        self.send_header("Content-Length", str(len(answer.body)))
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if with_body:
-            self.wfile.write(answer.body)
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    deadline: float
+    received: bytearray = field(default_factory=bytearray)
+    outgoing: memoryview | None = None
+    """The answer not yet sent; None while the request is still being read."""
+    lingering_until: float | None = None
+
+
+class _Loop:
+    """The one thread's work: accept, read, answer, write, expire."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        wake: socket.socket,
+        responder: _Responder,
+        limits: ServerLimits,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._listener = listener
+        self._wake = wake
+        self._responder = responder
+        self._limits = limits
+        self._clock = clock
+        self._selector = selectors.DefaultSelector()
+        self._open: dict[socket.socket, _Connection] = {}  # oldest first
+
+    def run(self) -> None:
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake, selectors.EVENT_READ, "wake")
+        try:
+            while self._round():
+                pass
+        finally:
+            for connection in list(self._open.values()):
+                self._close(connection)
+            self._selector.close()
+
+    def _round(self) -> bool:
+        for key, mask in self._selector.select(self._timeout()):
+            if key.data == "wake":
+                return False
+            if key.data == "accept":
+                self._accept()
+            elif isinstance(key.data, _Connection):
+                self._serve(key.data, mask)
+        self._expire()
+        return True
+
+    def _timeout(self) -> float | None:
+        deadlines = [self._deadline_of(c) for c in self._open.values()]
+        return max(0.0, min(deadlines) - self._clock()) if deadlines else None
+
+    @staticmethod
+    def _deadline_of(connection: _Connection) -> float:
+        return connection.lingering_until or connection.deadline
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPTS_PER_ROUND):
+            try:
+                sock, _address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # EMFILE and friends: try again next round
+                log.debug("status server: accept failed: %s", error)
+                return
+            if len(self._open) >= self._limits.connections:
+                self._close(next(iter(self._open.values())))
+            sock.setblocking(False)
+            connection = _Connection(sock, self._clock() + self._limits.request_seconds)
+            self._open[sock] = connection
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _serve(self, connection: _Connection, mask: int) -> None:
+        try:
+            if connection.lingering_until is not None:
+                self._drain(connection)
+            elif connection.outgoing is None and mask & selectors.EVENT_READ:
+                self._read(connection)
+            elif connection.outgoing is not None and mask & selectors.EVENT_WRITE:
+                self._write(connection)
+        except OSError:
+            self._close(connection)  # reset by the client, and the like: nothing to say
+
+    def _read(self, connection: _Connection) -> None:
+        chunk = connection.sock.recv(_READ_CHUNK)
+        if not chunk:
+            self._close(connection)  # gone before the request was complete
+            return
+        connection.received += chunk
+        end = connection.received.find(b"\r\n\r\n")
+        if end == -1:
+            if len(connection.received) > self._limits.header_bytes:
+                self._respond(connection, _text(431, "request headers too large"), True)
+            return
+        if end > self._limits.header_bytes:
+            self._respond(connection, _text(431, "request headers too large"), True)
+            return
+        try:
+            request = _parse_request(bytes(connection.received[:end]))
+        except _BadRequest as bad:
+            self._respond(connection, _text(bad.status, bad.status.phrase), True)
+            return
+        if request.target.startswith("/metrics") and _peer_closed(connection.sock):
+            self._close(connection)  # never render /metrics for a client that left
+            return
+        answer = self._responder.answer(request)
+        self._respond(connection, answer, request.method != "HEAD")
+
+    def _respond(self, connection: _Connection, answer: _Answer, with_body: bool) -> None:
+        connection.received = bytearray()
+        connection.outgoing = memoryview(_encoded(answer, with_body=with_body))
+        self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+        self._write(connection)
+
+    def _write(self, connection: _Connection) -> None:
+        assert connection.outgoing is not None
+        try:
+            sent = connection.sock.send(connection.outgoing)
+        except BlockingIOError:
+            return
+        connection.outgoing = connection.outgoing[sent:]
+        if not connection.outgoing:
+            self._finish(connection)
+
+    def _finish(self, connection: _Connection) -> None:
+        """Answered: half-close, then read and drop what the client still sends, briefly."""
+        try:
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(connection)
+            return
+        connection.lingering_until = min(
+            connection.deadline, self._clock() + self._limits.linger_seconds
+        )
+        self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
+
+    def _drain(self, connection: _Connection) -> None:
+        if not connection.sock.recv(_READ_CHUNK):
+            self._close(connection)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for connection in [c for c in self._open.values() if self._deadline_of(c) <= now]:
+            self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        self._open.pop(connection.sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(connection.sock)
+        connection.sock.close()
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the client has closed its side (or reset): a peek reads EOF or an error."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        return error.errno != errno.EAGAIN
+
+
+def _listening_socket(bind: BindAddress) -> socket.socket:
+    dual_stack = not bind.host and socket.has_dualstack_ipv6()
+    host = bind.host or ("::" if dual_stack else "0.0.0.0")  # noqa: S104 - on purpose
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, bind.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dual_stack:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(sockaddr)
+        listener.listen(_LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 class StatusServer:
@@ -227,49 +439,43 @@ class StatusServer:
     thread; `port` is the bound port; `stop()` closes the socket at once.
     """
 
-    def __init__(self, address: str, *, metrics: AgentMetrics, health: Health) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        metrics: AgentMetrics,
+        health: Health,
+        limits: ServerLimits | None = None,
+    ) -> None:
         self._bind = BindAddress.parse(address)
-        self._metrics = metrics
-        self._health = health
-        self._server: _Server | None = None
+        self._responder = _Responder(metrics=metrics, health=health)
+        self._limits = limits or ServerLimits()
+        self._listener: socket.socket | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._listener is None:
             raise RuntimeError("the status server is not started")
-        return int(self._server.server_address[1])
+        return int(self._listener.getsockname()[1])
 
     def start(self) -> None:
-        if self._server is not None:
+        if self._listener is not None:
             raise RuntimeError("the status server is already started")
-        server = _Server(self._bind, metrics=self._metrics, health=self._health)
-        self._server, self._wake = server, socket.socketpair()
-        self._thread = threading.Thread(
-            target=_serve, args=(server, self._wake[0]), name="status-server", daemon=True
-        )
+        listener = _listening_socket(self._bind)
+        self._listener, self._wake = listener, socket.socketpair()
+        loop = _Loop(listener, self._wake[0], self._responder, self._limits)
+        self._thread = threading.Thread(target=loop.run, name="status-server", daemon=True)
         self._thread.start()
         log.info("metrics and health on port %d (/metrics, /healthz, /readyz)", self.port)
 
     def stop(self) -> None:
-        if self._server is None or self._wake is None or self._thread is None:
+        if self._listener is None or self._wake is None or self._thread is None:
             return
         self._wake[1].send(b"\0")
         self._thread.join(timeout=5)
-        self._server.server_close()
+        self._listener.close()
         for end in self._wake:
             end.close()
-        self._server = self._wake = self._thread = None
-
-
-def _serve(server: _Server, wake: socket.socket) -> None:
-    """Accept connections until `wake` becomes readable."""
-    with selectors.DefaultSelector() as selector:
-        selector.register(server, selectors.EVENT_READ)
-        selector.register(wake, selectors.EVENT_READ)
-        while True:
-            ready = selector.select()
-            if any(key.fileobj is wake for key, _ in ready):
-                return
-            server.handle_request()
+        self._listener = self._wake = self._thread = None

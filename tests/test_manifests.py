@@ -37,6 +37,7 @@ MONITORING = BASE / "monitoring"
 SLOT_LEASES = BASE / "restart-slot-leases"  # component: pre-created slots, narrower Role
 RESTART_TRIGGER = BASE / "restart-trigger"  # component: restarts without the D-Bus socket
 KUBELET_CONFIG_LINK = BASE / "kubelet-config-link"  # component: no /var/lib/kubelet mount
+NETWORK_POLICY = BASE / "network-policy"  # component: only monitoring may scrape
 EXAMPLES = BASE / "examples"
 EXAMPLE_SECRET = EXAMPLES / "registry-credentials.yaml"
 PROMTOOL_TESTS = MONITORING / "tests" / "alerts.test.yaml"
@@ -100,10 +101,11 @@ def load(path: Path) -> list[Manifest]:
 BASE_FILES = kustomization_resources(BASE)
 MONITORING_FILES = kustomization_resources(MONITORING)
 SLOT_LEASE_FILES = kustomization_resources(SLOT_LEASES)
+NETWORK_POLICY_FILES = kustomization_resources(NETWORK_POLICY)
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 BASE_MANIFESTS = [m for path in BASE_FILES for m in load(path)]
 SLOT_LEASE_MANIFESTS = [m for path in SLOT_LEASE_FILES for m in load(path)]
-OPTIONAL_FILES = MONITORING_FILES + SLOT_LEASE_FILES + EXAMPLE_FILES
+OPTIONAL_FILES = MONITORING_FILES + SLOT_LEASE_FILES + NETWORK_POLICY_FILES + EXAMPLE_FILES
 ALL_MANIFESTS = [m for path in BASE_FILES + OPTIONAL_FILES for m in load(path)]
 BUILT_IN = [m for m in ALL_MANIFESTS if m.kind not in CUSTOM_KINDS]
 
@@ -227,6 +229,7 @@ def test_every_yaml_file_is_a_kustomization_a_listed_manifest_an_example_or_the_
     on_disk = {p for d in (BASE, RBAC) for p in d.rglob("*") if p.suffix in {".yaml", ".yml"}}
     kustomizations = {p for p in on_disk if p.name == "kustomization.yaml"}
     known = kustomizations | set(BASE_FILES) | set(MONITORING_FILES) | set(SLOT_LEASE_FILES)
+    known |= set(NETWORK_POLICY_FILES)
     known |= set(EXAMPLE_FILES)
     assert on_disk == known | {PROMTOOL_TESTS}
 
@@ -1022,3 +1025,31 @@ def test_the_kubelet_config_link_component_mounts_no_kubelet_directory(tmp_path:
         m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly", False)
     }
     assert str(state_dir) in writable
+
+
+# --------------------------------------------------------------------------- network policy
+
+
+def test_the_network_policy_admits_only_the_monitoring_namespace_to_the_metrics_port(
+    tmp_path: Path,
+) -> None:
+    rendered = kustomize_base_with(tmp_path, NETWORK_POLICY)
+    for body in rendered:
+        kubernetes_validate.validate(body, KUBERNETES_VERSIONS[-1], strict=True)
+    assert identities(rendered) == identities(
+        [m.body for m in BASE_MANIFESTS] + [m.body for p in NETWORK_POLICY_FILES for m in load(p)]
+    )
+    (policy,) = (body for body in rendered if body["kind"] == "NetworkPolicy")
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == daemonset()["metadata"]["namespace"]
+    pod_labels = daemonset()["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]  # egress (the API server) untouched
+    (rule,) = spec["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    metrics_port = next(p for p in agent_container()["ports"] if p["name"] == "metrics")
+    assert rule["ports"] == [{"protocol": "TCP", "port": metrics_port["containerPort"]}]
+    port = int(agent_settings().metrics_address.rsplit(":", 1)[1])
+    assert port == metrics_port["containerPort"]

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import gzip
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from email.message import Message
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from node_agent.metrics import AgentMetrics
-from node_agent.status_server import BindAddress, Health, StatusServer
+from node_agent.status_server import BindAddress, Health, ServerLimits, StatusServer
 
 ISSUE_METRICS = {
     "node_agent_reconcile_total",
@@ -393,3 +396,106 @@ def test_listen_addresses_are_parsed(address: str, expected: BindAddress) -> Non
 def test_malformed_listen_addresses_are_refused(address: str) -> None:
     with pytest.raises(ValueError, match="expected HOST:PORT"):
         BindAddress.parse(address)
+
+
+# --- bounds: what one client may cost ---------------------------------------------------------
+
+
+@pytest.fixture
+def bounded() -> Iterator[Served]:
+    """A server with small limits, so that the tests reach them quickly."""
+    clock = FakeClock()
+    metrics = AgentMetrics(CollectorRegistry())
+    health = Health(clock=clock, stale_after=60.0)
+    limits = ServerLimits(connections=8, header_bytes=1024, request_seconds=0.5)
+    server = StatusServer("127.0.0.1:0", metrics=metrics, health=health, limits=limits)
+    server.start()
+    yield Served(server, metrics, health, clock)
+    server.stop()
+
+
+def connect(served: Served) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", served.server.port), timeout=5)
+
+
+def closed_by_the_server(conn: socket.socket) -> bool:
+    """Whether the server has closed `conn` (EOF or reset), waiting up to 3 s for it."""
+    conn.settimeout(3)
+    try:
+        while conn.recv(4096):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_idle_connections_cost_no_thread_each(served: Served) -> None:
+    before = threading.active_count()
+    connections = [connect(served) for _ in range(200)]
+    try:
+        assert served.get("/healthz").status == 200
+        assert threading.active_count() <= before + 1
+    finally:
+        for conn in connections:
+            conn.close()
+
+
+def test_the_oldest_connection_makes_way_when_the_cap_is_reached(bounded: Served) -> None:
+    idle = [connect(bounded) for _ in range(8)]
+    try:
+        assert bounded.get("/healthz").status == 200
+        assert closed_by_the_server(idle[0])
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_headers_beyond_the_limit_are_answered_431(bounded: Served) -> None:
+    head = b"GET /healthz HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 2000 + b"\r\n\r\n"
+    with connect(bounded) as conn:
+        conn.sendall(head)
+        reply = conn.recv(4096)
+    assert reply.startswith(b"HTTP/1.0 431 ")
+
+
+def test_headers_that_never_end_are_answered_431_without_waiting_for_the_end(
+    bounded: Served,
+) -> None:
+    with connect(bounded) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nX-Filler: " + b"a" * 1100)
+        assert conn.recv(4096).startswith(b"HTTP/1.0 431 ")
+
+
+def test_a_client_that_trickles_is_cut_at_the_request_deadline(bounded: Served) -> None:
+    with connect(bounded) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(3):
+            time.sleep(0.3)
+            with suppress(OSError):
+                conn.sendall(b"X: y\r\n")
+        assert closed_by_the_server(conn)
+    assert bounded.get("/healthz").status == 200
+
+
+class CountingCollector(Collector):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        yield GaugeMetricFamily("node_agent_test_renders", "renders of the registry", value=1)
+
+
+def test_metrics_are_not_rendered_for_a_client_that_has_left(served: Served) -> None:
+    counting = CountingCollector()
+    served.metrics.registry.register(counting)
+    for _ in range(20):
+        with connect(served) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.shutdown(socket.SHUT_RDWR)
+    assert served.get("/healthz").status == 200  # the loop has handled every connection
+    assert counting.calls == 0
+    assert "node_agent_test_renders" in served.get("/metrics").text
+    assert counting.calls == 1
