@@ -45,8 +45,11 @@ def node_files(settings: Settings) -> list[NodeFile]:
             ContainerdFormat(new_file_version=settings.containerd_config_version),
             settings.on_host(settings.containerd_config),
             restarts_containerd=True,
+            root=settings.host_root,
         ),
-        "kubelet": NodeFile(KubeletFormat(), settings.on_host(settings.kubelet_config)),
+        "kubelet": NodeFile(
+            KubeletFormat(), settings.on_host(settings.kubelet_config), root=settings.host_root
+        ),
     }
     return [available[name] for name in settings.targets]
 
@@ -60,6 +63,7 @@ def containerd_restart(settings: Settings) -> ContainerdRestart | None:
         command=settings.reload_command,
         bus_address=f"unix:path={settings.on_host(settings.system_bus_socket)}",
         trigger_dir=settings.on_host(settings.restart_trigger_dir),
+        root=settings.host_root,
     )
     socket = str(settings.on_host(settings.containerd_socket))
     return RestartContainerd(restarter, socket, settings.reload_timeout)
@@ -71,7 +75,7 @@ def build_reconciler(
     """The node's one reconciler (the one-shot commands' and the daemon's)."""
     return Reconciler(
         node_files=node_files(settings),
-        state_store=StateStore(settings.on_host(settings.state_dir)),
+        state_store=StateStore(settings.on_host(settings.state_dir), root=settings.host_root),
         containerd=containerd_restart(settings),
         dry_run=settings.dry_run,
         clock=clock,

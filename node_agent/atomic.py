@@ -16,7 +16,8 @@ kernel, libc or filesystem has no renameat2, a plain rename is used (the check b
 stays).
 
 A target that is a symlink is followed (the link is kept, the file it points to replaced):
-tools that manage the target through a link keep working.
+tools that manage the target through a link keep working. Links are followed inside the
+host root, as the node sees them (`node_agent.host_paths`); a link to nothing is refused.
 """
 
 import contextlib
@@ -30,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node_agent.errors import ConcurrentModification, WriteFailed
+from node_agent.host_paths import resolved_target
+
+#: The host root when the agent runs on the node itself.
+HOST_ROOT = Path("/")
 
 #: Group and other permission bits. Files the agent writes carry credentials, so these are
 #: always cleared (an existing 0644 config.toml becomes 0600).
@@ -64,12 +69,10 @@ class FileSnapshot:
         return self.content is not None
 
 
-def read_snapshot(path: Path) -> FileSnapshot:
-    """Read `path` (following symlinks). Raises WriteFailed when it cannot be read at all."""
-    try:
-        resolved = path.resolve()
-    except RuntimeError:  # a symlink loop (Python < 3.13)
-        raise WriteFailed(f"{path}: symlink loop") from None
+def read_snapshot(path: Path, *, root: Path = HOST_ROOT) -> FileSnapshot:
+    """Read `path` (following symlinks inside `root`, the host root it is under). Raises
+    WriteFailed when it cannot be read at all."""
+    resolved = resolved_target(root, path)
     try:
         # O_NONBLOCK: opening a FIFO for reading would wait for a writer forever.
         fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK)

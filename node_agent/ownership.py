@@ -11,14 +11,16 @@ unconfirmed write (T null: absent), so a restart that fails after such a crash c
 rolled back.
 """
 
+import errno
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_agent.atomic import remove_stale_temps, write_new_file
+from node_agent.atomic import HOST_ROOT, remove_stale_temps, write_new_file
 from node_agent.errors import UnsupportedConfig, WriteFailed
+from node_agent.host_paths import open_directory_no_follow, resolved_target
 from node_agent.plan import Owned
 
 STATE_FILE = "owned.json"
@@ -48,24 +50,36 @@ class AgentState:
 
 
 class StateStore:
-    """Loads and saves `AgentState` in one directory."""
+    """Loads and saves `AgentState` in one directory, a node path under the host `root`
+    (links in it are followed inside the root; the state file itself is never a link)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, root: Path = HOST_ROOT) -> None:
         self.directory = directory
         self.path = directory / STATE_FILE
+        self.root = root
 
     def load(self) -> AgentState:
+        path = self._resolved_directory() / STATE_FILE
         try:
-            raw = self.path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return AgentState()
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise WriteFailed(f"{self.path}: is a symlink; refusing to read state") from None
             raise WriteFailed(f"{self.path}: cannot read state: {error.strerror}") from None
+        try:
+            with open(fd, "rb", closefd=False) as file:
+                raw = file.read()
+        except OSError as error:
+            raise WriteFailed(f"{self.path}: cannot read state: {error.strerror}") from None
+        finally:
+            os.close(fd)
         return _decode(str(self.path), raw)
 
     def save(self, state: AgentState) -> None:
-        self._ensure_directory()
-        remove_stale_temps(self.path)  # left by a run killed while saving
+        path = self._ensure_directory() / STATE_FILE
+        remove_stale_temps(path)  # left by a run killed while saving
         document = {
             "version": STATE_VERSION,
             "owned": state.owned,
@@ -73,16 +87,30 @@ class StateStore:
         }
         if state.containerd_last_good is not None:
             document["containerd_last_good"] = asdict(state.containerd_last_good)
-        write_new_file(self.path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+        write_new_file(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
-    def _ensure_directory(self) -> None:
+    def _resolved_directory(self) -> Path:
+        return resolved_target(self.root, self.directory)
+
+    def _ensure_directory(self) -> Path:
+        """The state dir inside the root, created if missing, narrowed to 0700 through a
+        descriptor of the directory itself (never through a symlink)."""
+        directory = self._resolved_directory()
         try:
-            self.directory.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
-            os.chmod(self.directory, STATE_DIR_MODE)
+            directory.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
         except OSError as error:
             raise WriteFailed(
                 f"{self.directory}: cannot create state dir: {error.strerror}"
             ) from None
+        fd = open_directory_no_follow(directory)
+        try:
+            os.fchmod(fd, STATE_DIR_MODE)
+        except OSError as error:
+            problem = f"cannot chmod state dir: {error.strerror}"
+            raise WriteFailed(f"{self.directory}: {problem}") from None
+        finally:
+            os.close(fd)
+        return directory
 
 
 def _decode(path: str, raw: bytes) -> AgentState:

@@ -20,7 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
-from node_agent.atomic import FileSnapshot, read_snapshot, remove_stale_temps, replace_file
+from node_agent.atomic import (
+    HOST_ROOT,
+    FileSnapshot,
+    read_snapshot,
+    remove_stale_temps,
+    replace_file,
+)
 from node_agent.credentials import Credentials
 from node_agent.errors import (
     ConcurrentModification,
@@ -65,6 +71,8 @@ class NodeFile:
     format: NodeFileFormat
     path: Path
     restarts_containerd: bool = False
+    root: Path = HOST_ROOT
+    """The host root `path` is under: links are followed inside it."""
 
     @property
     def name(self) -> str:
@@ -264,7 +272,7 @@ class Reconciler:
     def _prepare(
         self, node_file: NodeFile, credentials: Credentials, state: AgentState, warnings: list[str]
     ) -> PreparedFile:
-        snapshot = read_snapshot(node_file.path)
+        snapshot = read_snapshot(node_file.path, root=node_file.root)
         old_text = _decode(snapshot)
         desired = desired_entries(node_file.format, credentials, warnings)
         try:
@@ -298,7 +306,8 @@ class Reconciler:
         )
         if last_good is None:
             return RestartOutcome("failed", restart_error, last_attempt_at=started)
-        _roll_back(last_good)
+        root = next((f.root for f in self.node_files if f.restarts_containerd), HOST_ROOT)
+        _roll_back(last_good, root=root)
         second = self.clock()
         try:
             self.containerd.restart_and_verify()
@@ -328,13 +337,13 @@ def desired_entries(
     return desired
 
 
-def _roll_back(last_good: LastGood) -> None:
+def _roll_back(last_good: LastGood, *, root: Path) -> None:
     path = Path(last_good.path)
     if last_good.text is None:
         # We created the file: rolling back means it is gone again.
         path.unlink(missing_ok=True)
     else:
-        current = read_snapshot(path)
+        current = read_snapshot(path, root=root)
         if current.content != _encode(last_good.text):
             replace_file(current, _encode(last_good.text))
     log.warning("containerd: rolled back %s", path)

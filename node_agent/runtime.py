@@ -33,9 +33,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from node_agent.atomic import write_new_file
+from node_agent.atomic import HOST_ROOT, write_new_file
 from node_agent.cri import CriClient, CriError, RuntimeVersion
 from node_agent.errors import NodeAgentError, ReloadFailed
+from node_agent.host_paths import resolved_target
 
 DEFAULT_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
 CONTAINERD_UNIT = "containerd.service"
@@ -257,11 +258,13 @@ class TriggerRestarter:
         self,
         directory: Path,
         *,
+        root: Path = HOST_ROOT,
         new_token: Callable[[], str] = lambda: uuid.uuid4().hex,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._directory = directory
+        self._root = root
         self._new_token = new_token
         self._sleep = sleep
         self._clock = clock
@@ -273,10 +276,11 @@ class TriggerRestarter:
         deadline = self._clock() + timeout
         token = self._new_token()
         try:
-            write_new_file(self._directory / TRIGGER_REQUEST, f"{token}\n".encode())
+            directory = resolved_target(self._root, self._directory)
+            write_new_file(directory / TRIGGER_REQUEST, f"{token}\n".encode())
         except NodeAgentError as error:
             raise ReloadFailed(f"cannot ask the host to restart containerd: {error}") from None
-        while (exit_code := self._answer_to(token)) is None:
+        while (exit_code := self._answer_to(directory, token)) is None:
             if self._clock() >= deadline:
                 raise ReloadFailed(
                     f"the host did not restart containerd within {timeout:g}s of the request "
@@ -290,10 +294,11 @@ class TriggerRestarter:
                 f"containerd exited with code {exit_code}"
             )
 
-    def _answer_to(self, token: str) -> int | None:
+    @staticmethod
+    def _answer_to(directory: Path, token: str) -> int | None:
         """The exit code the host reported for `token`, None while there is none."""
         try:
-            with open(self._directory / TRIGGER_DONE, "rb") as done:
+            with open(directory / TRIGGER_DONE, "rb") as done:
                 answer = done.read(_MAX_DONE_BYTES).decode("ascii", errors="replace").split()
         except OSError:
             return None
@@ -369,6 +374,7 @@ def make_restarter(
     command: Sequence[str] = (),
     bus_address: str = DEFAULT_BUS_ADDRESS,
     trigger_dir: Path | None = None,
+    root: Path = HOST_ROOT,
 ) -> Restarter:
     """The :class:`Restarter` for ``--reload MODE`` (with ``none`` nothing restarts and there
     is none). ``command`` is ``--reload-command`` as an argv, ``trigger_dir`` the node's
@@ -376,7 +382,7 @@ def make_restarter(
     if mode == "command":
         return CommandRestarter(command)
     if mode == "trigger" and trigger_dir is not None:
-        return TriggerRestarter(trigger_dir)
+        return TriggerRestarter(trigger_dir, root=root)
     if mode == "systemd":
         return SystemdRestarter(bus_address=bus_address)
     raise ValueError(f"no containerd restart for --reload {mode}")

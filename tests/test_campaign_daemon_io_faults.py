@@ -16,9 +16,9 @@ milliseconds), except for permission denied: as root that needs the agent in a c
 CAP_DAC_OVERRIDE (`capsh`), `node-agent run` with its real retry timing and
 `--resync-interval 1s`. Real faults need root (64 KiB tmpfs mounts, bind mounts, chattr,
 capsh); without root those cases skip and the others still run. Symlinks, as documented in
-README "How files are written": a symlinked node file is followed and the link kept, a
-dangling one gets the file created where it points; a loop, a link to a directory, into a
-missing directory or to /dev/null is refused.
+README "How files are written": a symlinked node file is followed (inside the host root)
+and the link kept; a link to nothing (into a missing directory too), a loop, a link to a
+directory or to /dev/null is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from unittest import mock
 
 import pytest
 from campaign import (
+    FOREIGN_JSON,
     AgentProcess,
     NodeTree,
     RunningDaemon,
@@ -197,12 +198,7 @@ def replaced(
         return clear
 
     untouched: tuple[str, ...] = ("config.toml", "config.json", "owned.json")
-    if "missing directory" in what:  # found only when writing, after the state was saved
-        untouched = UNTOUCHED_BY_DIR[
-            "etc/containerd" if target == "config.toml" else "var/lib/kubelet"
-        ]
-    names = "/missing:" if "missing directory" in what else target
-    return Fault(f"{target}: {what}", inject, cause, names, untouched)
+    return Fault(f"{target}: {what}", inject, cause, target, untouched)
 
 
 def put_in_place(path: Path, make: Callable[[Path], object]) -> None:
@@ -258,7 +254,7 @@ FAULTS = [
         "config.json",
         "a symlink into a missing directory",
         lambda path: path.symlink_to(path.parent / "missing/config.json"),
-        "directory does not exist",
+        "dangling symlink",
     ),
     replaced(
         "config.toml",
@@ -394,7 +390,7 @@ def test_every_io_fault_is_reported_keeps_the_old_file_and_clears_by_itself(
         check_symlinks_are_followed(node, agent, versions, leak_audit)
         tally.cases += 2
         tally.outcomes["symlinked node file followed"] += 1
-        tally.outcomes["dangling symlink: file created where it points"] += 1
+        tally.outcomes["dangling symlink: refused, nothing created"] += 1
         tracebacks = [r for r in caplog.records if r.exc_info]
         assert not tracebacks, "a traceback was logged"
         assert agent.stop()
@@ -474,7 +470,7 @@ def check_symlinks_are_followed(
     node: NodeTree, agent: RunningDaemon, versions: SecretVersions, leak_audit: LeakAudit
 ) -> None:
     """README: a symlinked node file is followed and the link kept (the file it names made
-    0600); a dangling link gets the file created where it points."""
+    0600); a link to nothing is refused, and nothing is created where it points."""
     image = node.root / "image"
     image.mkdir()
     real_toml = image / "config.toml"
@@ -486,6 +482,15 @@ def check_symlinks_are_followed(
     leak_audit.guard_node(files=[real_toml, real_json])
     node.config_json.unlink()
     node.config_json.symlink_to(real_json)
+    refusals = agent.metric("node_agent_reconcile_total", result="error")
+    versions.publish()
+    wait_until(
+        lambda: agent.metric("node_agent_reconcile_total", result="error") > refusals,
+        timeout=5,
+        what="the dangling link refused",
+    )
+    assert not real_json.exists()
+    real_json.write_text(FOREIGN_JSON)
     password = versions.publish()
     wait_until(in_sync_with(agent, node, password), timeout=5, what="through the links")
     assert node.config_toml.is_symlink() and node.config_json.is_symlink()

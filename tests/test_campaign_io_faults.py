@@ -8,8 +8,8 @@ behind, and never half-write anything: a file that did change is a complete new 
 Once the fault is gone, the next run converges.
 
 Decided and documented (README "How files are written"): a symlinked node file is followed
-and the link kept; a symlink loop, a directory or a FIFO where a node file should be is
-refused.
+(inside the host root) and the link kept; a symlink loop, a link to nothing, a directory or a
+FIFO where a node file should be is refused.
 
 Real faults need root (a 64 KiB tmpfs, a read-only bind mount, `chattr +i`, `capsh` to drop
 CAP_DAC_OVERRIDE); without root those cases skip, and pyfakefs and injected `OSError`s
@@ -419,7 +419,7 @@ def test_a_symlinked_config_toml_is_followed_and_the_link_kept(
     assert node.temp_files() == []
 
 
-def test_a_dangling_symlink_creates_the_file_it_names(
+def test_a_dangling_symlink_is_refused_and_nothing_is_created_where_it_points(
     node: NodeTree, leak_audit: LeakAudit, fault: Any
 ) -> None:
     real = node.root / "image/config.json"
@@ -427,9 +427,15 @@ def test_a_dangling_symlink_creates_the_file_it_names(
     node.config_json.unlink()
     node.config_json.symlink_to(real)
     leak_audit.guard_node(files=[real])
-    assert reconcile(leak_audit, node).code == 0
-    assert node.config_json.is_symlink()
-    assert CANARY_TOKEN in real.read_text()
+    before = node.contents()
+    run = reconcile(leak_audit, node)
+    assert run.code == 1
+    assert run.error_lines == [
+        f"node-agent: error: {node.config_json}: dangling symlink ({node.config_json} points "
+        f"to {real}, which does not exist); fix or remove the link"
+    ]
+    assert node.config_json.is_symlink() and not real.exists()
+    assert node.contents() == before
 
 
 def symlink_loop(path: Path) -> None:
@@ -447,7 +453,7 @@ TARGET_REPLACEMENTS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "a symlink into a missing directory": (
         lambda path: path.symlink_to(path.parent / "missing/config"),
-        "directory does not exist",
+        "dangling symlink",
     ),
     "a symlink to /dev/null": (lambda path: path.symlink_to("/dev/null"), "not a regular file"),
 }
@@ -463,11 +469,8 @@ def test_something_else_where_a_node_file_should_be_is_refused_without_waiting(
     path.unlink()
     make, message = TARGET_REPLACEMENTS[replacement]
     make(path)
-    # Found when reading, before anything is written; a missing directory only when writing,
-    # and config.json is written before config.toml.
+    # Found when reading, before anything is written.
     unchanged: tuple[str, ...] = ("config.toml", "config.json", "owned.json")
-    if replacement == "a symlink into a missing directory":
-        unchanged = UNTOUCHED_WHEN_FULL[str(path.parent.relative_to(node.root))]
     before = node.contents()
     result = subprocess.run(
         [sys.executable, "-m", "node_agent", "reconcile", *node.flags("--reload", "none")],
@@ -480,8 +483,10 @@ def test_something_else_where_a_node_file_should_be_is_refused_without_waiting(
     leak_audit.check_text(result.stdout + result.stderr, "agent output")
     run = CliRun(result.returncode, result.stdout, result.stderr)
     assert_refused(run, node, before, unchanged=unchanged, mentions=message)
-    # The path named is the one that failed: the link's, or its target's missing directory.
-    assert (target if "missing" not in replacement else "/missing:") in run.error_lines[0]
+    # The path named is the node file's (for a link to nothing: the link and where it points).
+    assert f"{target}: " in run.error_lines[0]
+    if "missing" in replacement:
+        assert "/missing/config, which does not exist" in run.error_lines[0]
 
 
 def test_a_state_dir_that_is_a_file_is_a_clean_refusal(

@@ -11,18 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.atomic import read_snapshot
+from node_agent.atomic import HOST_ROOT, read_snapshot
 from node_agent.credentials import Credentials
 from node_agent.errors import WriteFailed
 from node_agent.reconcile import Fingerprint, Outcome, fingerprint
 
 
-def read_fingerprint(path: Path) -> Fingerprint | str:
+def read_fingerprint(path: Path, *, root: Path = HOST_ROOT) -> Fingerprint | str:
     """The file's fingerprint, or why it cannot be read (never equal to a fingerprint). Never
     waits: a FIFO (or anything else that is not a regular file) where a node file should be
     is reported like a directory, not opened for a read that blocks until a writer comes."""
     try:
-        return fingerprint(read_snapshot(path).content)
+        return fingerprint(read_snapshot(path, root=root).content)
     except WriteFailed as error:
         return f"unreadable: {error}"
 

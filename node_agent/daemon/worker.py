@@ -30,7 +30,8 @@ from node_agent.daemon.outcomes import Settled, TargetWrite, read_fingerprint, w
 from node_agent.daemon.restarts import RestartGate
 from node_agent.daemon.sources import CredentialSources, SourceChange
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
-from node_agent.errors import InternalError, NodeAgentError, ReloadFailed, unexpected
+from node_agent.errors import InternalError, NodeAgentError, ReloadFailed, WriteFailed, unexpected
+from node_agent.host_paths import resolve_in_root
 from node_agent.reconcile import Fingerprint, Outcome, Reconciler, RestartResult
 from node_agent.report import change_summary
 
@@ -341,12 +342,16 @@ class Worker:
 
     def _current_fingerprints(self) -> dict[Path, Fingerprint | str]:
         """What the files hold now (after a failed pass, whose writes are unknown)."""
-        paths = [_resolved(node_file.path) for node_file in self._reconciler.node_files]
-        return {path: read_fingerprint(path) for path in paths} | self._state_fingerprint()
+        return {
+            _resolved(node_file.root, node_file.path): read_fingerprint(
+                node_file.path, root=node_file.root
+            )
+            for node_file in self._reconciler.node_files
+        } | self._state_fingerprint()
 
     def _state_fingerprint(self) -> dict[Path, Fingerprint | str]:
-        state_file = self._reconciler.state_store.path
-        return {state_file: read_fingerprint(state_file)}
+        store = self._reconciler.state_store
+        return {store.path: read_fingerprint(store.path, root=store.root)}
 
     def _arm_resync(self) -> None:
         self._queue.schedule(RESYNC, at=self._clock() + self._timing.resync_interval)
@@ -359,11 +364,10 @@ class Worker:
         self._readiness.update()
 
 
-def _resolved(path: Path) -> Path:
-    """`path` with links followed, as passes key their fingerprints; as given when that is
-    impossible (a symlink loop raises RuntimeError on Python 3.11): `read_fingerprint` then
-    reports the loop."""
+def _resolved(root: Path, path: Path) -> Path:
+    """`path` with links followed inside `root`, as passes key their fingerprints; as given
+    when that is impossible (a symlink loop): `read_fingerprint` then reports why."""
     try:
-        return path.resolve()
-    except (RuntimeError, OSError):
+        return resolve_in_root(root, path).path
+    except WriteFailed:
         return path
