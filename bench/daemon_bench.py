@@ -347,7 +347,7 @@ def bench_resync(workdir: Path, registries: int, rounds: int) -> tuple[float, fl
             containerd_config=node.config_toml,
             kubelet_config=node.config_json,
             state_dir=node.state_dir,
-            reload="none",
+            restart_mode="none",
         ),
         metrics_address="127.0.0.1:0",
     )

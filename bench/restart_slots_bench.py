@@ -97,10 +97,10 @@ def fleet_main(args: argparse.Namespace) -> None:
 
     from fake_cri import FakeCri
 
+    from node_agent.containerd_restart import wait_for_cri
     from node_agent.daemon.run import build_daemon
     from node_agent.kube.model import ObjectRef
     from node_agent.restart_slots.coordinator import SlotTiming
-    from node_agent.runtime import wait_for_cri
     from node_agent.settings import DaemonSettings, RestartCoordination, Settings
 
     workdir = Path(args.workdir)
@@ -132,9 +132,9 @@ def fleet_main(args: argparse.Namespace) -> None:
                 containerd_config=config_toml,
                 kubelet_config=config_json,
                 state_dir=root / "var/lib/node-agent",
-                reload="command",
-                reload_command=("/bin/sh", str(script), name, args.restart_log, str(args.restart)),
-                reload_timeout=RELOAD_TIMEOUT,
+                restart_mode="command",
+                restart_command=("/bin/sh", str(script), name, args.restart_log, str(args.restart)),
+                restart_timeout=RELOAD_TIMEOUT,
                 containerd_socket=Path(socket_path),
             ),
             secrets=(ObjectRef(SECRET_NS, SECRET_NAME),),
@@ -142,7 +142,7 @@ def fleet_main(args: argparse.Namespace) -> None:
             node_name=name,
             metrics_address="127.0.0.1:0",
             events=True,
-            min_reload_interval=MIN_RELOAD_INTERVAL,
+            min_restart_interval=MIN_RELOAD_INTERVAL,
             restarts=restarts,
         )
         slot_timing = SlotTiming(

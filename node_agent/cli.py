@@ -12,15 +12,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from node_agent import app
+from node_agent import commands
 from node_agent.demo import demo_command
 from node_agent.errors import NodeAgentError, unexpected
 from node_agent.escaping import printable
+from node_agent.exit_codes import EXIT_ERROR, EXIT_USAGE
 from node_agent.kube.model import ObjectRef
 from node_agent.logs import configure_logging
 from node_agent.settings import (
     ON_SECRET_DELETE,
-    RELOAD_MODES,
+    RESTART_MODES,
     TARGET_NAMES,
     DaemonSettings,
     RestartCoordination,
@@ -157,8 +158,8 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
     flags.add("--state-dir", type=Path, default=defaults.state_dir, metavar="DIR")
     flags.add(
         "--reload",
-        choices=RELOAD_MODES,
-        default=defaults.reload,
+        choices=RESTART_MODES,
+        default=defaults.restart_mode,
         help="how to restart containerd after its auth changed",
     )
     flags.add(
@@ -170,7 +171,7 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
     flags.add(
         "--reload-timeout",
         type=parse_duration,
-        default=defaults.reload_timeout,
+        default=defaults.restart_timeout,
         metavar="DURATION",
         help="restart + CRI health budget before rolling back",
     )
@@ -346,9 +347,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         targets=args.targets,
         host_root=args.host_root,
         state_dir=args.state_dir,
-        reload=args.reload,
-        reload_command=_restart_command(args.reload, args.reload_command),
-        reload_timeout=args.reload_timeout,
+        restart_mode=args.reload,
+        restart_command=_restart_command(args.reload, args.reload_command),
+        restart_timeout=args.reload_timeout,
         containerd_socket=args.containerd_socket,
         system_bus_socket=args.system_bus_socket,
         restart_trigger_dir=args.restart_trigger_dir,
@@ -396,7 +397,7 @@ def daemon_settings_from(args: argparse.Namespace) -> DaemonSettings:
         on_secret_delete=args.on_secret_delete,
         resync_interval=args.resync_interval,
         debounce=args.debounce,
-        min_reload_interval=args.min_reload_interval,
+        min_restart_interval=args.min_reload_interval,
         node_name=args.node_name,
         metrics_address=args.metrics_address,
         events=events,
@@ -422,7 +423,7 @@ def _restart_coordination(args: argparse.Namespace) -> RestartCoordination:
 
 def _check_restart_coordination(settings: DaemonSettings) -> None:
     restarts = settings.restarts
-    problem = restarts.lease_ttl_problem(settings.node.reload_timeout)
+    problem = restarts.lease_ttl_problem(settings.node.restart_timeout)
     if problem is not None:
         raise ValueError(problem)
     if not settings.node_name:
@@ -451,7 +452,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         return _main(parser, argv)
     except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else app.EXIT_USAGE
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
 
 
 def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -468,7 +469,7 @@ def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     if not settings.secret_files and not settings.fallback_secret_files:
         parser.error("at least one --secret-file or --fallback-secret-file is needed")
     configure_logging(log_format=settings.log_format, level=settings.log_level)
-    command = app.reconcile_command if args.command == "reconcile" else app.check_command
+    command = commands.reconcile_command if args.command == "reconcile" else commands.check_command
     return _run(lambda: command(settings, sys.stdout), name=f"running {args.command}")
 
 
@@ -489,8 +490,8 @@ def _run(command: Any, *, name: str) -> int:
         code: int = command()
     except NodeAgentError as error:
         print(f"node-agent: error: {printable(str(error))}", file=sys.stderr)
-        return app.EXIT_ERROR
+        return EXIT_ERROR
     except Exception as error:
         print(f"node-agent: error: {unexpected(error, doing=name)}", file=sys.stderr)
-        return app.EXIT_ERROR
+        return EXIT_ERROR
     return code

@@ -41,7 +41,7 @@ class WriteFailed(NodeAgentError):
     """A node file or the state could not be written; the old content is intact."""
 
 
-class ReloadFailed(NodeAgentError):
+class RestartFailed(NodeAgentError):
     """containerd did not come back healthy after a restart."""
 
 

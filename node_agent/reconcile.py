@@ -30,7 +30,7 @@ from node_agent.atomic import (
 from node_agent.credentials import Credentials
 from node_agent.errors import (
     ConcurrentModification,
-    ReloadFailed,
+    RestartFailed,
     UnsupportedConfig,
     unexpected,
 )
@@ -58,7 +58,7 @@ def fingerprint(content: bytes | None) -> Fingerprint:
 
 
 class ContainerdRestart(Protocol):
-    """Restarts containerd and returns once CRI answers; raises ReloadFailed otherwise."""
+    """Restarts containerd and returns once CRI answers; raises RestartFailed otherwise."""
 
     def restart_and_verify(self) -> None: ...
 
@@ -297,7 +297,7 @@ class Reconciler:
             self.containerd.restart_and_verify()
             log.info("containerd restarted and answered CRI")
             return RestartOutcome("success", last_attempt_at=started)
-        except ReloadFailed as failure:
+        except RestartFailed as failure:
             restart_error = str(failure)
         # What containerd last ran, kept in the state since before the write: also when that
         # write was made by an earlier run, killed before its restart or its rollback.
@@ -311,7 +311,7 @@ class Reconciler:
         second = self.clock()
         try:
             self.containerd.restart_and_verify()
-        except ReloadFailed as failure:
+        except RestartFailed as failure:
             error = f"{restart_error}; config rolled back, but containerd still failed: {failure}"
             return RestartOutcome("failed", error, last_attempt_at=second)
         self.state_store.save(

@@ -7,7 +7,7 @@ from pathlib import Path
 from node_agent.kube.model import ObjectRef
 
 TARGET_NAMES = ("containerd", "kubelet")
-RELOAD_MODES = ("none", "command", "systemd", "trigger")
+RESTART_MODES = ("none", "command", "systemd", "trigger")
 ON_SECRET_DELETE = ("remove", "keep")
 
 
@@ -40,24 +40,24 @@ class Settings:
     state_dir: Path = Path("/var/lib/node-agent")
     """Where the agent remembers what it owns (must survive pod restarts: a hostPath)."""
 
-    reload: str = "systemd"
+    restart_mode: str = "systemd"
     """How to restart containerd: none, command, systemd (D-Bus RestartUnit) or trigger (a
     request to a systemd path unit on the node, through `restart_trigger_dir`)."""
 
-    reload_command: tuple[str, ...] = ()
-    """argv of the restart command for reload=command."""
+    restart_command: tuple[str, ...] = ()
+    """argv of the restart command for restart_mode=command."""
 
-    reload_timeout: float = 30.0
+    restart_timeout: float = 30.0
     """Seconds to wait for the restart and for CRI to answer before rolling back."""
 
     containerd_socket: Path = Path("/run/containerd/containerd.sock")
     """containerd's gRPC socket, asked for CRI Version after a restart."""
 
     system_bus_socket: Path = Path("/run/dbus/system_bus_socket")
-    """The node's system D-Bus socket, for reload=systemd."""
+    """The node's system D-Bus socket, for restart_mode=systemd."""
 
     restart_trigger_dir: Path = Path("/run/node-agent")
-    """The node directory shared with the host's restart unit, for reload=trigger."""
+    """The node directory shared with the host's restart unit, for restart_mode=trigger."""
 
     dry_run: bool = False
     """Show what would change (credentials redacted); write and restart nothing."""
@@ -97,13 +97,13 @@ class RestartCoordination:
     lease_namespace: str | None = None
     """Where the slot Leases live; None: not known (required when coordinating)."""
 
-    def lease_ttl_problem(self, reload_timeout: float) -> str | None:
+    def lease_ttl_problem(self, restart_timeout: float) -> str | None:
         """Why `lease_ttl` is too short for a restart and its CRI health check, or None."""
-        minimum = reload_timeout + LEASE_TTL_MARGIN
+        minimum = restart_timeout + LEASE_TTL_MARGIN
         if self.lease_ttl < minimum:
             return (
                 f"--restart-lease-ttl ({self.lease_ttl:g}s) must be at least --reload-timeout "
-                f"({reload_timeout:g}s) + {LEASE_TTL_MARGIN:g}s, so that a slot held through "
+                f"({restart_timeout:g}s) + {LEASE_TTL_MARGIN:g}s, so that a slot held through "
                 "a restart and its health check never expires"
             )
         return None
@@ -137,7 +137,7 @@ class DaemonSettings:
     debounce: float = 0.2
     """Seconds after a pass during which new requests are collected into one more pass."""
 
-    min_reload_interval: float = 30.0
+    min_restart_interval: float = 30.0
     """Minimum seconds between two containerd restart attempts; changes that need a restart
     within it are applied by one restart when it has passed."""
 
@@ -163,7 +163,7 @@ class DaemonSettings:
         node = self.node
         return (
             self.restarts.concurrency > 0
-            and node.reload != "none"
+            and node.restart_mode != "none"
             and "containerd" in node.targets
             and not node.dry_run
             and not self.once

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
-from node_agent import atomic, reconcile, runtime
+from node_agent import atomic, containerd_restart, reconcile
 from node_agent.cli import main
 from node_agent.ownership import StateStore
 
@@ -51,8 +51,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "atomic._exchange": atomic._exchange,
     "remove_stale_temps": atomic.remove_stale_temps,
     "roll_back": reconcile._roll_back,
-    "restart command": runtime.CommandRestarter.restart,
-    "CRI health check": runtime.wait_for_cri,
+    "restart command": containerd_restart.CommandRestarter.restart,
+    "CRI health check": containerd_restart.wait_for_cri,
 }
 POINTS = tuple(f"{when}:{name}" for name in (*SYSCALLS, *FUNCTIONS) for when in ("before", "after"))
 

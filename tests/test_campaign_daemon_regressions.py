@@ -18,8 +18,10 @@ from fake_cri import FakeCri
 
 from node_agent import atomic
 from node_agent.atomic import read_snapshot, replace_file
+from node_agent.containerd_restart import restart_and_check
+from node_agent.daemon.credential_sources import CredentialSources
 from node_agent.daemon.outcomes import read_fingerprint
-from node_agent.daemon.report import (
+from node_agent.daemon.reporting import (
     RECONCILE_FAILED,
     ROLLED_BACK,
     DaemonReporter,
@@ -27,12 +29,10 @@ from node_agent.daemon.report import (
     Readiness,
 )
 from node_agent.daemon.run import build_daemon
-from node_agent.daemon.sources import CredentialSources
 from node_agent.daemon.work_queue import Batch
 from node_agent.daemon.worker import START, PassReport
-from node_agent.errors import ConcurrentModification, ReloadFailed, WriteFailed
+from node_agent.errors import ConcurrentModification, RestartFailed, WriteFailed
 from node_agent.metrics import AgentMetrics
-from node_agent.runtime import restart_and_check
 from node_agent.settings import DaemonSettings, RestartCoordination, Settings
 from node_agent.status_server import Health
 
@@ -192,7 +192,7 @@ def test_a_symlink_loop_where_a_node_file_should_be_fails_the_pass_cleanly(
             containerd_config=tmp_path / "config.toml",
             kubelet_config=config_json,
             state_dir=tmp_path / "state",
-            reload="none",
+            restart_mode="none",
         ),
         metrics_address="127.0.0.1:0",
         restarts=RestartCoordination(concurrency=0),
@@ -233,7 +233,7 @@ def test_the_cri_timeout_error_reads_the_same_on_every_retry(cri_without_version
     restarter = SlowRestart()
     messages = []
     for _ in range(2):
-        with pytest.raises(ReloadFailed) as failure:
+        with pytest.raises(RestartFailed) as failure:
             restart_and_check(restarter, socket_path=cri_without_version, timeout=0.3)
         messages.append(str(failure.value))
     assert messages[0] == messages[1]

@@ -149,8 +149,8 @@ def test_a_containerd_that_never_comes_back_gets_one_attempt_per_interval(
         scale=TimeScale(100),
         restart_command=("/bin/sh", str(script), str(log), str(node.config_toml), how.script_mode),
         cri_socket=short_dir / "cri.sock",
-        reload_timeout=RELOAD_TIMEOUT,
-        min_reload_interval=interval,
+        restart_timeout=RELOAD_TIMEOUT,
+        min_restart_interval=interval,
     )
     try:
         with (

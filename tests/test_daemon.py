@@ -544,7 +544,7 @@ def test_dry_run_reports_differences_and_writes_nothing(node: Node, tmp_path: Pa
             containerd_config=node.config_toml,
             kubelet_config=node.config_json,
             state_dir=node.state_dir,
-            reload="none",
+            restart_mode="none",
             dry_run=True,
         ),
         metrics_address="127.0.0.1:0",

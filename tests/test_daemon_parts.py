@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from node_agent.cli import build_parser, daemon_settings_from, main
 from node_agent.credentials import RegistryAuth
+from node_agent.daemon.credential_sources import CredentialSources
 from node_agent.daemon.outcomes import Settled, written_targets
-from node_agent.daemon.report import DaemonReporter, EventType, Readiness, readiness_of
+from node_agent.daemon.reporting import DaemonReporter, EventType, Readiness, readiness_of
 from node_agent.daemon.restarts import RestartGate
-from node_agent.daemon.sources import CredentialSources
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue, next_run_at
 from node_agent.daemon.worker import START, Worker
-from node_agent.errors import ReloadFailed
+from node_agent.errors import RestartFailed
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
 from node_agent.metrics import AgentMetrics
@@ -150,7 +150,7 @@ class FlakyContainerd:
 
     def restart_and_verify(self) -> None:
         if not self.results.pop(0):
-            raise ReloadFailed("CRI did not answer")
+            raise RestartFailed("CRI did not answer")
 
 
 def test_every_attempt_closes_the_gate_for_the_interval_failed_ones_too(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 from kubeapi import EVENTS, TOKEN, KubeApiServer
 
 from node_agent.kube.client import KubeApi
-from node_agent.kube.errors import SourceForbidden, SourceUnavailable
+from node_agent.kube.errors import ApiForbidden, ApiUnavailable
 from node_agent.kube.events import NodeEventRecorder
 from node_agent.kube.model import EventApi, ObjectRef, RequestTimeout
 
@@ -413,12 +413,12 @@ def test_the_client_patches_with_a_merge_patch_and_answers_none_for_a_missing_ev
 
 def test_the_client_translates_event_errors(kube_api: KubeApiServer, agent_api: KubeApi) -> None:
     kube_api.fail_next(403, verb="create")
-    with pytest.raises(SourceForbidden, match="RBAC forbids create on events"):
+    with pytest.raises(ApiForbidden, match="RBAC forbids create on events"):
         agent_api.create_event("default", node_event("x"), request_timeout=(1, 1))
 
     kube_api.fail_next(500, verb="patch")
-    with pytest.raises(SourceUnavailable, match="patch events: API answered 500"):
+    with pytest.raises(ApiUnavailable, match="patch events: API answered 500"):
         agent_api.patch_event(ObjectRef("default", "x"), {"count": 2}, request_timeout=(1, 1))
 
-    with kube_api.outage(), pytest.raises(SourceUnavailable, match="create events: cannot reach"):
+    with kube_api.outage(), pytest.raises(ApiUnavailable, match="create events: cannot reach"):
         agent_api.create_event("default", node_event("y"), request_timeout=(1, 1))

@@ -23,9 +23,9 @@ from kubeapi import LEASES, TOKEN, KubeApiServer, SlotChange
 from node_agent.kube.client import KubeApi
 from node_agent.kube.errors import (
     ApiConflict,
+    ApiForbidden,
+    ApiUnavailable,
     ObjectMissing,
-    SourceForbidden,
-    SourceUnavailable,
     WatchExpired,
 )
 from node_agent.kube.model import LeaseApi, ObjectRef, WatchEvent
@@ -208,7 +208,7 @@ def test_a_create_carrying_a_resource_version_fails_like_on_etcd(
     again = with_holder(created, "node-1")
     again["metadata"]["name"] = SLOT_1
 
-    with pytest.raises(SourceUnavailable, match="resourceVersion should not be set"):
+    with pytest.raises(ApiUnavailable, match="resourceVersion should not be set"):
         agent_api.create_lease(NS, again, request_timeout=TIMEOUT)
 
 
@@ -228,7 +228,7 @@ def test_a_lease_a_real_api_server_would_refuse_is_refused(
     body = lease(SLOT_0, "node-1")
     body["spec"][field] = value
 
-    with pytest.raises(SourceUnavailable, match=f"create leases: API answered {status}"):
+    with pytest.raises(ApiUnavailable, match=f"create leases: API answered {status}"):
         agent_api.create_lease(NS, body, request_timeout=TIMEOUT)
 
     assert kube_api.lease(NS, SLOT_0) is None
@@ -327,7 +327,7 @@ def test_forbidden_names_what_to_allow(
 ) -> None:
     kube_api.fail_next(403, verb=verb)
 
-    with pytest.raises(SourceForbidden) as raised:
+    with pytest.raises(ApiForbidden) as raised:
         call(agent_api, verb)
 
     assert raised.value.reason == "forbidden"
@@ -340,7 +340,7 @@ def test_forbidden_names_what_to_allow(
 def test_rejected_credentials_are_forbidden(kube_api: KubeApiServer, agent_api: KubeApi) -> None:
     kube_api.fail_next(401)
 
-    with pytest.raises(SourceForbidden, match="list leases: the API server rejected"):
+    with pytest.raises(ApiForbidden, match="list leases: the API server rejected"):
         agent_api.list_leases(NS, request_timeout=TIMEOUT)
 
 
@@ -348,7 +348,7 @@ def test_rejected_credentials_are_forbidden(kube_api: KubeApiServer, agent_api: 
 def test_an_outage_is_unavailable(kube_api: KubeApiServer, agent_api: KubeApi, verb: str) -> None:
     with (
         kube_api.outage(),
-        pytest.raises(SourceUnavailable, match="leases: cannot reach") as raised,
+        pytest.raises(ApiUnavailable, match="leases: cannot reach") as raised,
     ):
         call(agent_api, verb)
 
@@ -361,7 +361,7 @@ def test_server_errors_are_unavailable(
 ) -> None:
     kube_api.fail_next(code, verb="create")
 
-    with pytest.raises(SourceUnavailable, match=f"create leases: API answered {code}"):
+    with pytest.raises(ApiUnavailable, match=f"create leases: API answered {code}"):
         agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
 
 

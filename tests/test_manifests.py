@@ -463,7 +463,7 @@ def test_the_daemonset_runs_node_agent_run_with_flags_the_agent_accepts() -> Non
     assert container["args"][0] == "run"
     settings = agent_settings()  # raises on an unknown flag or a bad combination
     assert settings.secrets == (ObjectRef("node-agent", "registry-credentials"),)
-    assert settings.node.reload == "systemd"
+    assert settings.node.restart_mode == "systemd"
     assert settings.node.host_root == Path("/host")
     assert settings.node_name == "node-1"
     assert settings.events
@@ -491,7 +491,7 @@ def test_the_daemonset_coordinates_restarts_with_leases_in_its_own_namespace() -
     assert settings.restarts.concurrency == 1
     assert settings.restarts.lease_namespace == daemonset()["metadata"]["namespace"]
     assert settings.node_name == "node-1"
-    assert settings.restarts.lease_ttl_problem(settings.node.reload_timeout) is None
+    assert settings.restarts.lease_ttl_problem(settings.node.restart_timeout) is None
 
 
 def test_metrics_and_probes_use_the_port_the_agent_listens_on() -> None:
@@ -996,7 +996,7 @@ def test_with_the_restart_trigger_component_the_agent_restarts_through_the_trigg
     container = changed["spec"]["template"]["spec"]["containers"][0]
     environ = downward_api_environment(container, namespace=changed["metadata"]["namespace"])
     settings = daemon_settings_from(build_parser(environ).parse_args(container["args"]))
-    assert settings.node.reload == "trigger"
+    assert settings.node.restart_mode == "trigger"
     in_container = PurePosixPath(settings.node.on_host(settings.node.restart_trigger_dir))
     assert in_container == PurePosixPath("/host/run/node-agent")
     assert str(settings.node.restart_trigger_dir) == "/run/node-agent"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
-from node_agent.errors import InternalError, ReloadFailed, UnsupportedConfig
+from node_agent.errors import InternalError, RestartFailed, UnsupportedConfig
 from node_agent.ownership import AgentState, StateStore
 from node_agent.reconcile import NodeFile, Reconciler
 from node_agent.targets import Entry
@@ -55,7 +55,7 @@ class RecordingRestart:
         self.restarts += 1
         if self.failures_left:
             self.failures_left -= 1
-            raise ReloadFailed("CRI did not answer Version within 30s")
+            raise RestartFailed("CRI did not answer Version within 30s")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from node_agent.atomic import read_snapshot
 from node_agent.credentials import RegistryAuth, normalise_registry, parse_document
-from node_agent.errors import InvalidCredentials, ReloadFailed, UnsupportedConfig, WriteFailed
+from node_agent.errors import InvalidCredentials, RestartFailed, UnsupportedConfig, WriteFailed
 from node_agent.ownership import AgentState, LastGood, StateStore
 from node_agent.reconcile import NodeFile, Outcome, Reconciler
 from node_agent.targets import FormatError
@@ -43,7 +43,7 @@ class Containerd:
             self.running = None
             if self.kill_after_failed_restart:
                 raise Killed
-            raise ReloadFailed("CRI did not answer")
+            raise RestartFailed("CRI did not answer")
         self.running = text
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.errors import ReloadFailed
-from node_agent.runtime import (
+from node_agent.containerd_restart import (
     TRIGGER_DONE,
     TRIGGER_REQUEST,
     TriggerRestarter,
     make_restarter,
 )
+from node_agent.errors import RestartFailed
 from node_agent.settings import Settings
 
 COMPONENT = Path(__file__).resolve().parents[1] / "daemonset" / "restart-trigger"
@@ -128,31 +128,31 @@ def test_every_restart_is_a_new_request(host: Host) -> None:
 def test_a_failed_systemctl_is_a_failed_restart_with_its_exit_code(host: Host) -> None:
     host.exit_code = 3
     host.start_path_unit()
-    with pytest.raises(ReloadFailed, match=r"systemctl restart containerd exited with code 3$"):
+    with pytest.raises(RestartFailed, match=r"systemctl restart containerd exited with code 3$"):
         TriggerRestarter(host.directory).restart(timeout=5)
 
 
 def test_no_unit_on_the_host_is_a_failed_restart_that_names_it(host: Host) -> None:
-    with pytest.raises(ReloadFailed, match=r"is node-agent-restart-containerd\.path installed"):
+    with pytest.raises(RestartFailed, match=r"is node-agent-restart-containerd\.path installed"):
         TriggerRestarter(host.directory).restart(timeout=0.3)
     assert (host.directory / TRIGGER_REQUEST).exists()  # asked, nobody answered
 
 
 def test_an_answer_to_an_older_request_does_not_count(host: Host) -> None:
     (host.directory / TRIGGER_DONE).write_text("0123abcd 0\n")
-    with pytest.raises(ReloadFailed, match=r"did not restart containerd within 0\.3s"):
+    with pytest.raises(RestartFailed, match=r"did not restart containerd within 0\.3s"):
         TriggerRestarter(host.directory, new_token=lambda: "4567ef").restart(timeout=0.3)
 
 
 @pytest.mark.parametrize("answer", ["", "garbage", "4567ef", "4567ef zero", "4567ef 0 extra"])
 def test_a_torn_or_odd_answer_is_no_answer(host: Host, answer: str) -> None:
     (host.directory / TRIGGER_DONE).write_text(answer)
-    with pytest.raises(ReloadFailed, match="did not restart containerd"):
+    with pytest.raises(RestartFailed, match="did not restart containerd"):
         TriggerRestarter(host.directory, new_token=lambda: "4567ef").restart(timeout=0.2)
 
 
 def test_a_missing_trigger_directory_is_a_failed_restart(tmp_path: Path) -> None:
-    with pytest.raises(ReloadFailed, match="cannot ask the host to restart containerd"):
+    with pytest.raises(RestartFailed, match="cannot ask the host to restart containerd"):
         TriggerRestarter(tmp_path / "absent").restart(timeout=1)
 
 

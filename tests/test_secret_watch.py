@@ -23,9 +23,9 @@ from kubernetes import watch as k8s_watch
 from node_agent.backoff import Backoff
 from node_agent.kube.client import KubeApi, load_api_client
 from node_agent.kube.errors import (
+    ApiForbidden,
+    ApiUnavailable,
     ErrorReason,
-    SourceForbidden,
-    SourceUnavailable,
     WatchExpired,
 )
 from node_agent.kube.model import ObjectRef
@@ -577,11 +577,11 @@ def test_kubeconfig_env_is_used_outside_a_cluster(kube_api: KubeApiServer) -> No
 
 def test_client_errors_become_the_agents_own(kube_api: KubeApiServer, agent_api: KubeApi) -> None:
     kube_api.fail_next(403)
-    with pytest.raises(SourceForbidden, match="RBAC forbids list"):
+    with pytest.raises(ApiForbidden, match="RBAC forbids list"):
         agent_api.list_secret(ObjectRef(NS, NAME), request_timeout=(1, 1))
 
     kube_api.fail_next(500)
-    with pytest.raises(SourceUnavailable, match="API answered 500"):
+    with pytest.raises(ApiUnavailable, match="API answered 500"):
         agent_api.list_secret(ObjectRef(NS, NAME), request_timeout=(1, 1))
 
     kube_api.fail_next(410, verb="watch")  # inside the stream, as the real API server does
@@ -592,7 +592,7 @@ def test_client_errors_become_the_agents_own(kube_api: KubeApiServer, agent_api:
         list(stream)
     stream.close()
 
-    with kube_api.outage(), pytest.raises(SourceUnavailable, match="cannot reach"):
+    with kube_api.outage(), pytest.raises(ApiUnavailable, match="cannot reach"):
         agent_api.list_secret(ObjectRef(NS, NAME), request_timeout=(1, 1))
 
 

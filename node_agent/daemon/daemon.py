@@ -18,17 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from node_agent.app import build_reconciler
+from node_agent.daemon.credential_sources import CredentialSources
 from node_agent.daemon.file_watch import (
     DirectoryWatch,
     Interest,
     interest_in_file,
     interest_in_source,
 )
-from node_agent.daemon.report import DaemonReporter, EventSink, Readiness
+from node_agent.daemon.reporting import DaemonReporter, EventSink, Readiness
 from node_agent.daemon.restarts import RestartGate
-from node_agent.daemon.slot_report import SlotEvents
-from node_agent.daemon.sources import CredentialSources
+from node_agent.daemon.slot_events import SlotEvents
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
 from node_agent.daemon.worker import (
     RESTART_ALLOWED,
@@ -52,6 +51,7 @@ from node_agent.metrics import AgentMetrics
 from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotTiming
 from node_agent.settings import DaemonSettings
 from node_agent.status_server import Health, StatusServer
+from node_agent.wiring import build_reconciler
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Daemon:
         )
         self.reconciler = build_reconciler(node, clock=parts.clock)
         self.gate = (
-            RestartGate(min_interval=settings.min_reload_interval, clock=parts.clock)
+            RestartGate(min_interval=settings.min_restart_interval, clock=parts.clock)
             if self.reconciler.restarts_containerd
             else None
         )

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType
 
 from node_agent.daemon.daemon import ApiClient, Daemon, DaemonParts, StartupFailed
-from node_agent.daemon.report import EventSink, NoEvents
+from node_agent.daemon.reporting import EventSink, NoEvents
 from node_agent.daemon.worker import WorkerTiming
+from node_agent.exit_codes import EXIT_ERROR, EXIT_OK
 from node_agent.kube.secret_watch import WatchSettings
 from node_agent.metrics import AgentMetrics
 from node_agent.restart_slots.coordinator import SlotTiming
@@ -19,9 +20,6 @@ from node_agent.settings import DaemonSettings
 from node_agent.status_server import Health, StatusServer
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_ERROR = 1
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -43,7 +41,7 @@ def build_daemon(
     metrics = AgentMetrics()
     metrics.add_targets(settings.node.targets)
     health = Health(
-        clock=clock, stale_after=max(60.0, 2 * settings.node.reload_timeout + _LIVENESS_MARGIN)
+        clock=clock, stale_after=max(60.0, 2 * settings.node.restart_timeout + _LIVENESS_MARGIN)
     )
     api = _connect(settings, environ) if settings.uses_api else None
     parts = DaemonParts(
@@ -96,13 +94,13 @@ def effective_configuration(settings: DaemonSettings) -> dict[str, str]:
         "containerd_config": str(node.on_host(node.containerd_config)),
         "kubelet_config": str(node.on_host(node.kubelet_config)),
         "state_dir": str(node.on_host(node.state_dir)),
-        "reload": node.reload
-        + (f" ({' '.join(node.reload_command)})" if node.reload_command else ""),
+        "reload": node.restart_mode
+        + (f" ({' '.join(node.restart_command)})" if node.restart_command else ""),
         "containerd_socket": str(node.on_host(node.containerd_socket)),
         "on_secret_delete": settings.on_secret_delete,
         "resync_interval": f"{settings.resync_interval:g}s",
         "debounce": f"{settings.debounce:g}s",
-        "min_reload_interval": f"{settings.min_reload_interval:g}s",
+        "min_restart_interval": f"{settings.min_restart_interval:g}s",
         "kubeconfig": str(settings.kubeconfig) if settings.kubeconfig else "(default)",
         "node_name": settings.node_name or "-",
         "events": "on" if settings.events else "off",

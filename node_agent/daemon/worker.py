@@ -26,14 +26,14 @@ from typing import Literal, Protocol
 
 from node_agent.backoff import Backoff
 from node_agent.credentials import Credentials
+from node_agent.daemon.credential_sources import CredentialSources, SourceChange
 from node_agent.daemon.outcomes import Settled, TargetWrite, read_fingerprint, written_targets
 from node_agent.daemon.restarts import RestartGate
-from node_agent.daemon.sources import CredentialSources, SourceChange
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue
-from node_agent.errors import InternalError, NodeAgentError, ReloadFailed, WriteFailed, unexpected
+from node_agent.errors import InternalError, NodeAgentError, RestartFailed, WriteFailed, unexpected
 from node_agent.host_paths import resolve_in_root
+from node_agent.preview import change_summary
 from node_agent.reconcile import Fingerprint, Outcome, Reconciler, RestartResult
-from node_agent.report import change_summary
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Worker:
         if outcome.dry_run:
             return self._dry_run_report(outcome)
         if restart is not None and not restart.succeeded:
-            report = self._failed_pass(credentials, ReloadFailed(restart.error or restart.result))
+            report = self._failed_pass(credentials, RestartFailed(restart.error or restart.result))
             return replace(report, restart=restart.result)
         if held_back and outcome.restart_owed:
             self._wait_for_restart()

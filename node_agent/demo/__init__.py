@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from node_agent import app
+from node_agent import commands
 from node_agent.settings import Settings
 
 SAMPLE_FILE_MODES = {
@@ -35,14 +35,16 @@ def lay_out_sample(directory: Path) -> None:
 def demo_command(directory: Path, out: TextIO) -> int:
     lay_out_sample(directory)
     node = directory / "node"
-    settings = Settings(secret_files=(directory / "secret.yaml",), host_root=node, reload="none")
+    settings = Settings(
+        secret_files=(directory / "secret.yaml",), host_root=node, restart_mode="none"
+    )
     flags = f"--secret-file {directory}/secret.yaml --host-root {node} --reload none"
     print(f"# sample node under {node}, sample Secret {directory}/secret.yaml\n", file=out)
     print(f"$ node-agent reconcile --dry-run {flags}", file=out)
-    app.reconcile_command(replace(settings, dry_run=True), out)
+    commands.reconcile_command(replace(settings, dry_run=True), out)
     print(f"\n$ node-agent reconcile {flags}", file=out)
-    app.reconcile_command(settings, out)
+    commands.reconcile_command(settings, out)
     print(f"\n$ node-agent check {flags}", file=out)
-    code = app.check_command(settings, out)
+    code = commands.check_command(settings, out)
     print("\n# run it again: nothing is written (same mtimes), `check` still exits 0.", file=out)
     return code

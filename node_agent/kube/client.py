@@ -41,10 +41,10 @@ from kubernetes.client.exceptions import ApiException
 from node_agent.errors import NodeAgentError
 from node_agent.kube.errors import (
     ApiConflict,
+    ApiForbidden,
+    ApiInvalid,
+    ApiUnavailable,
     ObjectMissing,
-    SourceForbidden,
-    SourceInvalid,
-    SourceUnavailable,
     WatchExpired,
 )
 from node_agent.kube.model import ObjectList, ObjectRef, RequestTimeout, WatchEvent
@@ -329,9 +329,9 @@ def _parse_json(ref: ObjectRef, raw: bytes) -> dict[str, Any]:
     try:
         document = json.loads(raw)
     except ValueError as error:
-        raise SourceInvalid(str(ref), "the API answered malformed JSON") from error
+        raise ApiInvalid(str(ref), "the API answered malformed JSON") from error
     if not isinstance(document, dict):
-        raise SourceInvalid(str(ref), "the API answered JSON that is not an object")
+        raise ApiInvalid(str(ref), "the API answered JSON that is not an object")
     return document
 
 
@@ -341,7 +341,7 @@ def _object_list(ref: ObjectRef, raw: bytes) -> ObjectList:
     items = document.get("items") or []
     version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
     if not isinstance(version, str) or not version or not isinstance(items, list):
-        raise SourceInvalid(str(ref), "list answer without items or metadata.resourceVersion")
+        raise ApiInvalid(str(ref), "list answer without items or metadata.resourceVersion")
     return ObjectList(items=[i for i in items if isinstance(i, dict)], resource_version=version)
 
 
@@ -349,7 +349,7 @@ def _parse_event(ref: ObjectRef, line: bytes, resource: str) -> WatchEvent:
     document = _parse_json(ref, line)
     event_type, obj = document.get("type"), document.get("object")
     if not isinstance(event_type, str) or not isinstance(obj, dict):
-        raise SourceInvalid(str(ref), "watch event without type or object")
+        raise ApiInvalid(str(ref), "watch event without type or object")
     if event_type == "ERROR":
         raise _status_error(ref, "watch", _as_int(obj.get("code")), obj, resource)
     return WatchEvent(type=event_type, object=obj)
@@ -369,7 +369,7 @@ def _translated_errors(ref: ObjectRef, verb: str, *, resource: str = "secrets") 
         raise _status_error(ref, verb, _as_int(error.status), status, resource) from error
     except (urllib3.exceptions.HTTPError, OSError) as error:
         problem = f"{verb} {resource}: cannot reach the API server ({_describe(error)})"
-        raise SourceUnavailable(str(ref), problem) from error
+        raise ApiUnavailable(str(ref), problem) from error
 
 
 @contextmanager
@@ -408,19 +408,19 @@ def _status_error(
     if code == 410:
         return WatchExpired(str(ref), f"{verb} {resource}: resourceVersion expired ({message})")
     if code == 401:
-        return SourceForbidden(
+        return ApiForbidden(
             str(ref),
             f"{verb} {resource}: the API server rejected the agent's credentials (401): check "
             "its ServiceAccount token or kubeconfig",
         )
     if code == 403:
-        return SourceForbidden(
+        return ApiForbidden(
             str(ref),
             f"RBAC forbids {verb} on {resource} in namespace {ref.namespace} (403): allow the "
             f"agent's ServiceAccount to {_needed_permission(ref, resource)} "
             f"(API server: {message})",
         )
-    return SourceUnavailable(str(ref), f"{verb} {resource}: API answered {code} ({message})")
+    return ApiUnavailable(str(ref), f"{verb} {resource}: API answered {code} ({message})")
 
 
 def _needed_permission(ref: ObjectRef, resource: str) -> str:

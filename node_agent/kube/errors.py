@@ -1,7 +1,8 @@
-"""Failures of reading a source through the Kubernetes API, in the agent's own terms.
+"""Failures of a Kubernetes API call, in the agent's own terms: for the Secret sources,
+the Node Events and the restart-slot Leases alike.
 
 None of these ever means "the Secret is gone": only the API confirming absence does (see
-`secret_watch`). Messages name namespaces, Secret names and HTTP statuses, never data.
+`secret_watch`). Messages name namespaces, object names and HTTP statuses, never data.
 """
 
 from typing import ClassVar, Literal
@@ -9,35 +10,36 @@ from typing import ClassVar, Literal
 from node_agent.errors import NodeAgentError
 
 ErrorReason = Literal["forbidden", "unreachable", "invalid"]
-"""The `reason` label of `node_agent_source_errors_total` for API sources."""
+"""Why an API call failed; for API sources, the `reason` label of
+`node_agent_source_errors_total`."""
 
 
-class SourceError(NodeAgentError):
-    """Reading a source through the API failed; the last applied credentials stay."""
+class ApiError(NodeAgentError):
+    """An API call failed. For a source, the last applied credentials stay."""
 
     reason: ClassVar[ErrorReason] = "unreachable"
 
-    def __init__(self, source: str, problem: str) -> None:
-        self.source = source
+    def __init__(self, ref: str, problem: str) -> None:
+        self.ref = ref
         self.problem = problem
-        super().__init__(f"{source}: {problem}")
+        super().__init__(f"{ref}: {problem}")
 
 
-class SourceUnavailable(SourceError):
+class ApiUnavailable(ApiError):
     """The API could not be asked or did not answer usefully: connection refused or reset,
     timeouts, a dropped or stalled watch, 5xx, 429. Retried with backoff."""
 
     reason = "unreachable"
 
 
-class SourceForbidden(SourceError):
+class ApiForbidden(ApiError):
     """The API refused the agent (401/403): its token or RBAC is wrong. Retried with backoff,
     because RBAC can be fixed without restarting the agent."""
 
     reason = "forbidden"
 
 
-class SourceInvalid(SourceError):
+class ApiInvalid(ApiError):
     """The API answered something the agent cannot use (malformed JSON, an object without a
     resourceVersion, Secret data that is not base64)."""
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from node_agent.escaping import printable
-from node_agent.kube.errors import SourceError
+from node_agent.kube.errors import ApiError
 from node_agent.kube.model import EventApi, ObjectRef, RequestTimeout
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class NodeEventRecorder:
     def _log_failure(self, error: Exception, at: datetime) -> None:
         """Log once per kind of failure, again after `_RELOG_INTERVAL` (event time) if it lasts."""
         self._lost += 1
-        kind = error.reason if isinstance(error, SourceError) else type(error).__name__
+        kind = error.reason if isinstance(error, ApiError) else type(error).__name__
         logged_at = self._failure_logged_at
         if kind == self._failing and logged_at is not None and at - logged_at < _RELOG_INTERVAL:
             log.debug("Node events: still failing (%s)", error)
@@ -262,7 +262,7 @@ class NodeEventRecorder:
             "(%d dropped so far)",
             error,
             self._lost,
-            exc_info=not isinstance(error, SourceError),  # not the API's fault: show where
+            exc_info=not isinstance(error, ApiError),  # not the API's fault: show where
         )
 
     def _on_success(self) -> None:

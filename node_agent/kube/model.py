@@ -4,7 +4,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from node_agent.kube.errors import SourceInvalid
+from node_agent.kube.errors import ApiInvalid
 
 RequestTimeout = tuple[float, float]
 """(connect, read) seconds for one HTTP request; for a watch, read bounds a silent stream."""
@@ -22,11 +22,11 @@ class ObjectRef:
 
 
 def resource_version_of(source: ObjectRef, obj: Mapping[str, Any]) -> str:
-    """`metadata.resourceVersion` of an API object; SourceInvalid when it has none."""
+    """`metadata.resourceVersion` of an API object; ApiInvalid when it has none."""
     metadata = obj.get("metadata")
     version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
     if not isinstance(version, str) or not version:
-        raise SourceInvalid(str(source), "API object without metadata.resourceVersion")
+        raise ApiInvalid(str(source), "API object without metadata.resourceVersion")
     return version
 
 

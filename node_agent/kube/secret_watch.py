@@ -34,7 +34,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from node_agent.backoff import Backoff
-from node_agent.kube.errors import ErrorReason, SourceError, SourceInvalid, WatchExpired
+from node_agent.kube.errors import ApiError, ApiInvalid, ErrorReason, WatchExpired
 from node_agent.kube.model import (
     EventStream,
     ObjectRef,
@@ -96,16 +96,16 @@ class WatchSettings:
 
 
 def secret_content(source: ObjectRef, obj: Mapping[str, Any]) -> SecretContent:
-    """A Secret object's type and decoded data; SourceInvalid if the data is not base64."""
+    """A Secret object's type and decoded data; ApiInvalid if the data is not base64."""
     raw = obj.get("data") or {}
     if not isinstance(raw, Mapping):
-        raise SourceInvalid(str(source), "Secret data is not a mapping")
+        raise ApiInvalid(str(source), "Secret data is not a mapping")
     decoded: dict[str, bytes] = {}
     for key, value in raw.items():
         try:
             decoded[str(key)] = base64.b64decode(str(value), validate=True)
         except (binascii.Error, ValueError) as error:
-            raise SourceInvalid(str(source), f"Secret data key {key!r} is not base64") from error
+            raise ApiInvalid(str(source), f"Secret data key {key!r} is not base64") from error
     return SecretContent(type=str(obj.get("type") or "Opaque"), data=MappingProxyType(decoded))
 
 
@@ -194,7 +194,7 @@ class SecretWatcher:
             healthy = self._watch()
         except WatchExpired as expired:
             return self._on_expired(expired)
-        except SourceError as error:
+        except ApiError as error:
             if not self._stopping.is_set():
                 self._on_failure(error)
             return True
@@ -248,7 +248,7 @@ class SecretWatcher:
 
     def _apply(self, event: WatchEvent) -> None:
         if event.type not in _EVENT_TYPES:
-            raise SourceInvalid(str(self.ref), f"unknown watch event type {event.type!r}")
+            raise ApiInvalid(str(self.ref), f"unknown watch event type {event.type!r}")
         version = resource_version_of(self.ref, event.object)
         if event.type != "BOOKMARK" and event.name == self.ref.name:
             deleted = event.type == "DELETED"
@@ -268,7 +268,7 @@ class SecretWatcher:
         self._resource_version = None
         return spinning
 
-    def _on_failure(self, error: SourceError) -> None:
+    def _on_failure(self, error: ApiError) -> None:
         if error.reason != self._failing:
             level = logging.ERROR if error.reason == "forbidden" else logging.WARNING
             log.log(
@@ -280,7 +280,7 @@ class SecretWatcher:
         else:
             log.debug("Secret %s: still failing: %s", self.ref, error.problem)
         self._failing = error.reason
-        if isinstance(error, SourceInvalid):
+        if isinstance(error, ApiInvalid):
             self._resource_version = None  # what we hold may be inconsistent: list again
         self._notify(self._on_error, error.reason)
 

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 from node_agent.backoff import Backoff
 from node_agent.kube.errors import (
     ApiConflict,
+    ApiError,
     ObjectMissing,
-    SourceError,
     WatchExpired,
 )
 from node_agent.kube.model import EventStream, LeaseApi, ObjectRef, RequestTimeout
@@ -352,7 +352,7 @@ class RestartSlots:
             return
         try:
             listing = self._api.list_leases(self.config.namespace, request_timeout=self._timeout())
-        except SourceError as error:
+        except ApiError as error:
             self._api_failed(error)
             return
         leases = slot_leases(listing.items, self._order)
@@ -384,7 +384,7 @@ class RestartSlots:
             log.debug("restart slot %s: someone was faster (%s)", claim.slot, error)
             self._pause(self._rng.uniform(0, self._timing.conflict_backoff), SlotState.WAITING)
             return
-        except SourceError as error:
+        except ApiError as error:
             self._failed_slots.add(claim.slot)
             self._api_failed(error)
             return
@@ -436,7 +436,7 @@ class RestartSlots:
             )
         except WatchExpired:
             return None
-        except SourceError as error:
+        except ApiError as error:
             self._api_failed(error)
             return None
         with self._changed:
@@ -447,7 +447,7 @@ class RestartSlots:
         race = _FreedSlotRace(stream, head_start=self._rng.uniform(0, self._timing.claim_spread))
         try:
             self._follow(stream, leases, race)
-        except (SourceError, WatchExpired) as error:
+        except (ApiError, WatchExpired) as error:
             if race.claim is None:
                 log.debug("restart slots: watch ended (%s); listing again", error)
         finally:
@@ -477,7 +477,7 @@ class RestartSlots:
             leases[lease.name] = lease
             self._quiet.observe_one(lease, self._clock())
 
-    def _api_failed(self, error: SourceError) -> None:
+    def _api_failed(self, error: ApiError) -> None:
         now = self._clock()
         if self._unreachable_since is None:
             self._unreachable_since = now
@@ -541,7 +541,7 @@ class RestartSlots:
         except (ApiConflict, ObjectMissing):
             self._reread_held(held.name)
             return
-        except SourceError as error:
+        except ApiError as error:
             log.warning("restart slot %s: renewal failed (%s); retrying", held.name, error)
             with self._changed:
                 self._renew_at = self._clock() + self._timing.renew_retry
@@ -560,7 +560,7 @@ class RestartSlots:
         """A renewal met a 409 or 404: still ours (someone edited the Lease), or lost?"""
         try:
             listing = self._api.list_leases(self.config.namespace, request_timeout=self._timeout())
-        except SourceError as error:
+        except ApiError as error:
             log.warning("restart slot %s: cannot read it back (%s); retrying", name, error)
             with self._changed:
                 self._renew_at = self._clock() + self._timing.renew_retry
@@ -590,7 +590,7 @@ class RestartSlots:
             self._api.replace_lease(self._ref(held.name), released(held), request_timeout=timeout)
         except ObjectMissing:
             pass  # deleted: free
-        except (ApiConflict, SourceError) as error:
+        except (ApiConflict, ApiError) as error:
             if final or self._clock() >= self._renewed_at + self.config.lease_ttl:
                 log.warning("restart slot %s: not released (%s); it expires", held.name, error)
                 self._after_release()

@@ -15,7 +15,7 @@ needs a real restart. ``--reload`` chooses how, :func:`make_restarter` builds it
 
 A restart that "succeeded" proves little: a config error can leave containerd running with
 its CRI plugin down. :func:`wait_for_cri` polls the CRI ``Version`` call, and
-:func:`restart_and_check` does both under one time budget; on :class:`ReloadFailed` the
+:func:`restart_and_check` does both under one time budget; on :class:`RestartFailed` the
 caller (the reconciler) restores the previous config and calls it again.
 """
 
@@ -35,7 +35,7 @@ from typing import IO, Any, Protocol
 
 from node_agent.atomic import HOST_ROOT, write_new_file
 from node_agent.cri import CriClient, CriError, RuntimeVersion
-from node_agent.errors import NodeAgentError, ReloadFailed
+from node_agent.errors import NodeAgentError, RestartFailed
 from node_agent.host_paths import resolved_target
 
 DEFAULT_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
@@ -49,7 +49,7 @@ class Restarter(Protocol):
     """Restarts containerd. Returns once the restart itself has finished."""
 
     def restart(self, *, timeout: float) -> None:
-        """Raise :class:`ReloadFailed` when the restart failed or took longer than ``timeout``."""
+        """Raise :class:`RestartFailed` when the restart failed or took longer than ``timeout``."""
 
 
 # --- command ------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class CommandRestarter:
             exit_code = _run_in_own_group(self._argv, stderr=stderr, timeout=timeout)
             if exit_code != 0:
                 last_line = _last_line(_tail(stderr, _STDERR_TAIL_BYTES))
-                raise ReloadFailed(f"{program} exited with code {exit_code}: {last_line}")
+                raise RestartFailed(f"{program} exited with code {exit_code}: {last_line}")
 
 
 def _run_in_own_group(argv: Sequence[str], *, stderr: IO[bytes], timeout: float) -> int:
@@ -89,12 +89,12 @@ def _run_in_own_group(argv: Sequence[str], *, stderr: IO[bytes], timeout: float)
             start_new_session=True,
         )
     except OSError as error:
-        raise ReloadFailed(f"cannot run {program}: {error.strerror or error}") from error
+        raise RestartFailed(f"cannot run {program}: {error.strerror or error}") from error
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired as error:
         _kill_group(process)
-        raise ReloadFailed(f"{program} did not finish within {timeout:g}s; killed") from error
+        raise RestartFailed(f"{program} did not finish within {timeout:g}s; killed") from error
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -155,17 +155,18 @@ class SystemdRestarter:
         try:
             result = self._restart_and_wait(deadline)
         except DBusErrorResponse as error:
-            raise ReloadFailed(
+            raise RestartFailed(
                 f"systemd refused to restart {self._unit}: {_dbus_error_text(error)}"
             ) from error
         except TimeoutError as error:
-            raise ReloadFailed(
+            raise RestartFailed(
                 f"restart of {self._unit} did not finish within {timeout:g}s"
             ) from error
         except (OSError, AuthenticationError) as error:
-            raise ReloadFailed(f"cannot talk to systemd on {self._bus_address}: {error}") from error
+            problem = f"cannot talk to systemd on {self._bus_address}: {error}"
+            raise RestartFailed(problem) from error
         if result != "done":
-            raise ReloadFailed(f"systemd's restart job for {self._unit} ended with {result!r}")
+            raise RestartFailed(f"systemd's restart job for {self._unit} ended with {result!r}")
 
     def _restart_and_wait(self, deadline: float) -> str:
         """Returns the job result. D-Bus errors and timeouts propagate to :meth:`restart`."""
@@ -279,17 +280,17 @@ class TriggerRestarter:
             directory = resolved_target(self._root, self._directory)
             write_new_file(directory / TRIGGER_REQUEST, f"{token}\n".encode())
         except NodeAgentError as error:
-            raise ReloadFailed(f"cannot ask the host to restart containerd: {error}") from None
+            raise RestartFailed(f"cannot ask the host to restart containerd: {error}") from None
         while (exit_code := self._answer_to(directory, token)) is None:
             if self._clock() >= deadline:
-                raise ReloadFailed(
+                raise RestartFailed(
                     f"the host did not restart containerd within {timeout:g}s of the request "
                     f"in {self._directory}: is node-agent-restart-containerd.path installed "
                     "and active on this node?"
                 )
             self._sleep(_TRIGGER_POLL_SECONDS)
         if exit_code != 0:
-            raise ReloadFailed(
+            raise RestartFailed(
                 f"the host's node-agent-restart-containerd.service: systemctl restart "
                 f"containerd exited with code {exit_code}"
             )
@@ -324,7 +325,7 @@ def wait_for_cri(
     sleep: Callable[[float], None] = time.sleep,
     budget: float | None = None,
 ) -> RuntimeVersion:
-    """Poll CRI ``Version`` until it answers; raise :class:`ReloadFailed` after ``timeout``.
+    """Poll CRI ``Version`` until it answers; raise :class:`RestartFailed` after ``timeout``.
 
     Only a successful ``Version`` counts: an open socket, or a gRPC server that answers
     ``UNIMPLEMENTED`` (containerd running with its CRI plugin failed to load), does not.
@@ -348,7 +349,7 @@ def wait_for_cri(
                 break
             sleep(min(poll_interval, remaining))
     named = timeout if budget is None else budget
-    raise ReloadFailed(
+    raise RestartFailed(
         f"CRI on {socket_path} did not answer Version within {named:g}s (last: {last_error})"
     )
 

@@ -3,7 +3,7 @@
 Messages name slots, namespaces and API errors (which carry statuses, never data).
 """
 
-from node_agent.daemon.report import EventSink
+from node_agent.daemon.reporting import EventSink
 from node_agent.metrics import AgentMetrics
 from node_agent.restart_slots.leases import SLOT_PREFIX
 

@@ -1,7 +1,7 @@
 """What the daemon tells the outside: metrics, Kubernetes Events on the Node, readiness.
 
 Event messages name registries, sources and files, never credential values: the registry
-keys come from the plans, the problems from `InvalidCredentials` / `ReloadFailed` and the
+keys come from the plans, the problems from `InvalidCredentials` / `RestartFailed` and the
 other `NodeAgentError`s of a failed pass, whose messages carry no values by construction.
 """
 
@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
+from node_agent.daemon.credential_sources import CredentialSources, SourceChange
 from node_agent.daemon.outcomes import TargetWrite
-from node_agent.daemon.sources import CredentialSources, SourceChange
 from node_agent.daemon.worker import PassReport
 from node_agent.escaping import printable
 from node_agent.kube.errors import ErrorReason

@@ -16,8 +16,7 @@ import pytest
 from fake_cri import CONTAINERD_VERSION, FakeCri
 from fake_systemd import FakeSystemd, private_bus
 
-from node_agent.errors import ReloadFailed
-from node_agent.runtime import (
+from node_agent.containerd_restart import (
     CommandRestarter,
     Restarter,
     SystemdRestarter,
@@ -25,6 +24,7 @@ from node_agent.runtime import (
     restart_and_check,
     wait_for_cri,
 )
+from node_agent.errors import RestartFailed
 
 # --- CommandRestarter -----------------------------------------------------------------------
 
@@ -35,7 +35,7 @@ def test_command_that_succeeds() -> None:
 
 def test_command_that_fails_reports_exit_code_and_last_stderr_line() -> None:
     script = "echo 'first line' >&2; echo 'Job for containerd.service failed.' >&2; exit 3"
-    with pytest.raises(ReloadFailed) as caught:
+    with pytest.raises(RestartFailed) as caught:
         CommandRestarter(["sh", "-c", script]).restart(timeout=5)
     message = str(caught.value)
     assert "sh exited with code 3: Job for containerd.service failed." in message
@@ -44,21 +44,21 @@ def test_command_that_fails_reports_exit_code_and_last_stderr_line() -> None:
 
 def test_command_without_stderr() -> None:
     with pytest.raises(
-        ReloadFailed, match=re.escape("false exited with code 1: (no output on stderr)")
+        RestartFailed, match=re.escape("false exited with code 1: (no output on stderr)")
     ):
         CommandRestarter(["false"]).restart(timeout=5)
 
 
 def test_huge_stderr_line_is_capped() -> None:
     script = "import sys; sys.stderr.write('x' * 100_000); sys.exit(1)"
-    with pytest.raises(ReloadFailed) as caught:
+    with pytest.raises(RestartFailed) as caught:
         CommandRestarter([sys.executable, "-c", script]).restart(timeout=5)
     assert len(str(caught.value)) < 300
 
 
 def test_control_characters_in_stderr_are_neutralised() -> None:
     script = r"printf 'bad\033[2Jthing\r\n' >&2; exit 1"
-    with pytest.raises(ReloadFailed) as caught:
+    with pytest.raises(RestartFailed) as caught:
         CommandRestarter(["sh", "-c", script]).restart(timeout=5)
     assert "\033" not in str(caught.value)
     assert "bad?[2Jthing" in str(caught.value)
@@ -66,7 +66,7 @@ def test_control_characters_in_stderr_are_neutralised() -> None:
 
 def test_command_timeout_kills_it() -> None:
     started = time.monotonic()
-    with pytest.raises(ReloadFailed, match=re.escape("sleep did not finish within 0.3s")):
+    with pytest.raises(RestartFailed, match=re.escape("sleep did not finish within 0.3s")):
         CommandRestarter(["sleep", "30"]).restart(timeout=0.3)
     assert time.monotonic() - started < 3
 
@@ -75,7 +75,7 @@ def test_command_timeout_also_kills_grandchildren_holding_stderr(tmp_path: Path)
     pid_file = tmp_path / "grandchild.pid"
     script = f"sleep 30 & echo $! > {pid_file}; wait"
     started = time.monotonic()
-    with pytest.raises(ReloadFailed, match="did not finish"):
+    with pytest.raises(RestartFailed, match="did not finish"):
         CommandRestarter(["sh", "-c", script]).restart(timeout=0.5)
     assert time.monotonic() - started < 3
     grandchild = int(pid_file.read_text())
@@ -92,7 +92,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_missing_program() -> None:
-    with pytest.raises(ReloadFailed, match="cannot run /nonexistent/restart-containerd"):
+    with pytest.raises(RestartFailed, match="cannot run /nonexistent/restart-containerd"):
         CommandRestarter(["/nonexistent/restart-containerd"]).restart(timeout=5)
 
 
@@ -158,7 +158,7 @@ def test_systemd_restart_waits_for_the_job(systemd: FakeSystemd) -> None:
 def test_systemd_job_failed(systemd: FakeSystemd) -> None:
     systemd.job_result = "failed"
     with pytest.raises(
-        ReloadFailed,
+        RestartFailed,
         match=re.escape("systemd's restart job for containerd.service ended with 'failed'"),
     ):
         SystemdRestarter(bus_address=systemd.bus_address).restart(timeout=5)
@@ -168,7 +168,7 @@ def test_systemd_job_failed(systemd: FakeSystemd) -> None:
 def test_systemd_job_never_finishes(systemd: FakeSystemd) -> None:
     systemd.finish_jobs = False
     started = time.monotonic()
-    with pytest.raises(ReloadFailed, match=re.escape("did not finish within 0.5s")):
+    with pytest.raises(RestartFailed, match=re.escape("did not finish within 0.5s")):
         SystemdRestarter(bus_address=systemd.bus_address).restart(timeout=0.5)
     assert time.monotonic() - started < 2
     assert len(systemd.restart_unit_calls()) == 1
@@ -176,7 +176,7 @@ def test_systemd_job_never_finishes(systemd: FakeSystemd) -> None:
 
 def test_systemd_no_such_unit(systemd: FakeSystemd) -> None:
     restarter = SystemdRestarter(bus_address=systemd.bus_address, unit="kontainerd.service")
-    with pytest.raises(ReloadFailed) as caught:
+    with pytest.raises(RestartFailed) as caught:
         restarter.restart(timeout=5)
     assert str(caught.value) == (
         "systemd refused to restart kontainerd.service: "
@@ -197,18 +197,18 @@ def test_systemd_other_jobs_are_ignored(systemd: FakeSystemd) -> None:
 
 def test_systemd_signal_from_an_impostor_is_ignored(systemd: FakeSystemd) -> None:
     systemd.impostor_announces = True
-    with pytest.raises(ReloadFailed, match="did not finish"):
+    with pytest.raises(RestartFailed, match="did not finish"):
         SystemdRestarter(bus_address=systemd.bus_address).restart(timeout=0.5)
 
 
 def test_systemd_not_on_the_bus(bus_address: str) -> None:
-    with pytest.raises(ReloadFailed, match=r"refused .*ServiceUnknown"):
+    with pytest.raises(RestartFailed, match=r"refused .*ServiceUnknown"):
         SystemdRestarter(bus_address=bus_address).restart(timeout=5)
 
 
 def test_no_bus_socket(tmp_path: Path) -> None:
     address = f"unix:path={tmp_path}/missing"
-    with pytest.raises(ReloadFailed, match=re.escape(f"cannot talk to systemd on {address}")):
+    with pytest.raises(RestartFailed, match=re.escape(f"cannot talk to systemd on {address}")):
         SystemdRestarter(bus_address=address).restart(timeout=5)
 
 
@@ -253,7 +253,7 @@ def test_cri_comes_up_after_a_delay(socket_path: str) -> None:
 
 def test_cri_never_comes_up(socket_path: str) -> None:
     started = time.monotonic()
-    with pytest.raises(ReloadFailed) as caught:
+    with pytest.raises(RestartFailed) as caught:
         wait_for_cri(socket_path, timeout=0.5)
     assert 0.5 <= time.monotonic() - started < 1.5
     assert f"CRI on {socket_path} did not answer Version within 0.5s" in str(caught.value)
@@ -264,7 +264,7 @@ def test_cri_plugin_missing_is_not_healthy(socket_path: str) -> None:
     # containerd up with its CRI plugin failed to load answers UNIMPLEMENTED.
     fake = FakeCri(socket_path, version=None).start()
     try:
-        with pytest.raises(ReloadFailed, match="UNIMPLEMENTED"):
+        with pytest.raises(RestartFailed, match="UNIMPLEMENTED"):
             wait_for_cri(socket_path, timeout=0.5)
     finally:
         fake.stop()
@@ -274,7 +274,7 @@ def test_cri_that_hangs_does_not_overrun_the_timeout(socket_path: str) -> None:
     fake = FakeCri(socket_path, hang=threading.Event()).start()
     started = time.monotonic()
     try:
-        with pytest.raises(ReloadFailed, match="DEADLINE_EXCEEDED"):
+        with pytest.raises(RestartFailed, match="DEADLINE_EXCEEDED"):
             wait_for_cri(socket_path, timeout=0.5)
         assert time.monotonic() - started < 1.5
     finally:
@@ -296,7 +296,7 @@ class FakeTime:
 
 def test_cri_poll_uses_the_injected_clock(socket_path: str) -> None:
     fake_time = FakeTime()
-    with pytest.raises(ReloadFailed):
+    with pytest.raises(RestartFailed):
         wait_for_cri(
             socket_path,
             timeout=1.0,
@@ -346,13 +346,13 @@ def test_restart_and_check_healthy(containerd: FakeContainerd, socket_path: str)
 
 def test_restart_and_check_cri_down(containerd: FakeContainerd, socket_path: str) -> None:
     containerd.config = "bad"
-    with pytest.raises(ReloadFailed, match="UNIMPLEMENTED"):
+    with pytest.raises(RestartFailed, match="UNIMPLEMENTED"):
         restart_and_check(containerd, socket_path=socket_path, timeout=0.5)
 
 
 def test_restart_and_check_failed_restart_skips_the_health_wait(socket_path: str) -> None:
     started = time.monotonic()
-    with pytest.raises(ReloadFailed, match="false exited with code 1"):
+    with pytest.raises(RestartFailed, match="false exited with code 1"):
         restart_and_check(CommandRestarter(["false"]), socket_path=socket_path, timeout=5)
     assert time.monotonic() - started < 1
 
@@ -360,6 +360,6 @@ def test_restart_and_check_failed_restart_skips_the_health_wait(socket_path: str
 def test_restart_and_check_shares_one_budget(socket_path: str) -> None:
     # The restart uses up most of the budget; the CRI wait gets only what is left.
     started = time.monotonic()
-    with pytest.raises(ReloadFailed, match="did not answer Version"):
+    with pytest.raises(RestartFailed, match="did not answer Version"):
         restart_and_check(CommandRestarter(["sleep", "0.6"]), socket_path=socket_path, timeout=1.0)
     assert 1.0 <= time.monotonic() - started < 1.6

@@ -1,0 +1,66 @@
+"""The one-shot commands, `node-agent reconcile` and `node-agent check`: one pass of the
+node's reconciler, its output for a person, and the exit code."""
+
+import logging
+from typing import TextIO
+
+from node_agent.errors import RestartFailed
+from node_agent.exit_codes import EXIT_OK, EXIT_OUT_OF_SYNC
+from node_agent.preview import change_summary, redacted_diff
+from node_agent.reconcile import Outcome
+from node_agent.settings import Settings
+from node_agent.wiring import build_reconciler, load_sources
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_command(settings: Settings, out: TextIO) -> int:
+    """`node-agent reconcile`: one pass (or a redacted preview with --dry-run)."""
+    outcome = build_reconciler(settings).reconcile(load_sources(settings))
+    _warn(outcome)
+    if outcome.dry_run:
+        _print_preview(outcome, out)
+        return EXIT_OK
+    if outcome.restart is not None and outcome.restart.error is not None:
+        raise RestartFailed(outcome.restart.error)
+    _print_result(outcome, out)
+    return EXIT_OK
+
+
+def check_command(settings: Settings, out: TextIO) -> int:
+    """`node-agent check`: 0 when every file matches the credentials, 3 when not."""
+    outcome = build_reconciler(settings).inspect(load_sources(settings))
+    _warn(outcome)
+    for prepared in outcome.files:
+        for line in change_summary(prepared):
+            print(f"out of sync: {line}", file=out)
+    if outcome.restart_owed:
+        print("out of sync: containerd: not restarted since config.toml changed", file=out)
+    if outcome.in_sync:
+        print("in sync", file=out)
+        return EXIT_OK
+    return EXIT_OUT_OF_SYNC
+
+
+def _print_preview(outcome: Outcome, out: TextIO) -> None:
+    for prepared in outcome.files:
+        if not prepared.needs_write:
+            print(f"{prepared.node_file.name}: in sync ({prepared.node_file.path})", file=out)
+            continue
+        for line in change_summary(prepared):
+            print(f"would {line}", file=out)
+        out.write(redacted_diff(prepared))
+
+
+def _print_result(outcome: Outcome, out: TextIO) -> None:
+    for prepared in outcome.files:
+        changes = [f"{change.action} {change.key}" for change in prepared.plan.changes]
+        summary = ", ".join(changes) if prepared.needs_write else "in sync"
+        print(f"{prepared.node_file.name}: {summary}", file=out)
+    if outcome.restart is not None:
+        print("containerd: restarted, CRI answering", file=out)
+
+
+def _warn(outcome: Outcome) -> None:
+    for warning in outcome.warnings:
+        log.warning(warning)

@@ -1,0 +1,77 @@
+"""Wires `Settings` into the pieces: the node files and their formats, the state, the
+containerd restart, the credential sources. The node's one `Reconciler` is built here, for
+the one-shot commands and the daemon alike."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from node_agent.containerd_restart import Restarter, make_restarter, restart_and_check
+from node_agent.credentials import Credentials
+from node_agent.ownership import StateStore
+from node_agent.reconcile import ContainerdRestart, NodeFile, Reconciler
+from node_agent.secret_files import load_credentials
+from node_agent.settings import Settings
+from node_agent.targets.containerd import ContainerdFormat
+from node_agent.targets.kubelet import KubeletFormat
+
+
+@dataclass(frozen=True)
+class RestartContainerd:
+    """`ContainerdRestart` for real: restart through the chosen strategy, then wait for CRI."""
+
+    restarter: Restarter
+    socket_path: str
+    timeout: float
+
+    def restart_and_verify(self) -> None:
+        restart_and_check(self.restarter, socket_path=self.socket_path, timeout=self.timeout)
+
+
+def node_files(settings: Settings) -> list[NodeFile]:
+    """The node files `settings.targets` selects, as paths reachable from here."""
+    available = {
+        "containerd": NodeFile(
+            ContainerdFormat(new_file_version=settings.containerd_config_version),
+            settings.on_host(settings.containerd_config),
+            restarts_containerd=True,
+            root=settings.host_root,
+        ),
+        "kubelet": NodeFile(
+            KubeletFormat(), settings.on_host(settings.kubelet_config), root=settings.host_root
+        ),
+    }
+    return [available[name] for name in settings.targets]
+
+
+def containerd_restart(settings: Settings) -> ContainerdRestart | None:
+    """How containerd gets restarted, or None when it must not be (--reload none)."""
+    if settings.restart_mode == "none" or "containerd" not in settings.targets:
+        return None
+    restarter = make_restarter(
+        settings.restart_mode,
+        command=settings.restart_command,
+        bus_address=f"unix:path={settings.on_host(settings.system_bus_socket)}",
+        trigger_dir=settings.on_host(settings.restart_trigger_dir),
+        root=settings.host_root,
+    )
+    socket = str(settings.on_host(settings.containerd_socket))
+    return RestartContainerd(restarter, socket, settings.restart_timeout)
+
+
+def build_reconciler(
+    settings: Settings, *, clock: Callable[[], float] = time.monotonic
+) -> Reconciler:
+    """The node's one reconciler (the one-shot commands' and the daemon's)."""
+    return Reconciler(
+        node_files=node_files(settings),
+        state_store=StateStore(settings.on_host(settings.state_dir), root=settings.host_root),
+        containerd=containerd_restart(settings),
+        dry_run=settings.dry_run,
+        clock=clock,
+    )
+
+
+def load_sources(settings: Settings) -> Credentials:
+    # Secret files are the agent's own inputs (e.g. a mounted Secret volume), not node paths.
+    return load_credentials(settings.secret_files, settings.fallback_secret_files)
