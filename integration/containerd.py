@@ -20,6 +20,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import suppress
@@ -29,6 +30,11 @@ import tomlkit
 
 from integration.processes import HarnessError, log_tail, pid_cmdline, pid_is_alive, wait_until
 from node_agent.cri import CriClient, CriError
+
+_TESTS = Path(__file__).resolve().parents[1] / "tests"
+if str(_TESTS) not in sys.path:
+    sys.path.append(str(_TESTS))
+from cri_images import ImageClient  # noqa: E402
 
 CONTAINERD_BINARY = "/usr/bin/containerd"
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
@@ -198,9 +204,9 @@ class ContainerdNode:
             state = "running" if self.is_running() else "not running"
             raise HarnessError(f"CRI not ready ({state}):\n{log_tail(self.log_path)}")
 
-    def cri(self, *, timeout: float = 30.0) -> CriClient:
+    def cri(self, *, timeout: float = 30.0) -> ImageClient:
         """A CRI client for this containerd; use it as a context manager."""
-        return CriClient(str(self.socket_path), timeout=timeout)
+        return ImageClient(str(self.socket_path), timeout=timeout)
 
     def break_next_restart(self, *, exit_code: int = 0) -> None:
         """Make the next run of :attr:`restart_command` stop containerd and exit ``exit_code``.

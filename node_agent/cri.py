@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -157,22 +157,6 @@ class RuntimeVersion:
     """API version of the runtime, e.g. ``v1``."""
 
 
-@dataclass(frozen=True)
-class AuthConfig:
-    """``AuthConfig`` sent with a pull. Values never appear in ``repr``; empty means unset."""
-
-    username: str = field(default="", repr=False)
-    password: str = field(default="", repr=False)
-    auth: str = field(default="", repr=False)
-    """base64 of ``user:password``."""
-    identity_token: str = field(default="", repr=False)
-
-    def secret_values(self) -> tuple[str, ...]:
-        """Every non-empty value, for scrubbing them out of error messages."""
-        values = (self.username, self.password, self.auth, self.identity_token)
-        return tuple(value for value in values if value)
-
-
 def encode_version_request() -> bytes:
     return encode_string_field(1, CRI_API_VERSION)
 
@@ -187,63 +171,9 @@ def decode_version_response(data: bytes) -> RuntimeVersion:
     )
 
 
-def encode_image_spec(image: str) -> bytes:
-    return encode_string_field(1, image)
-
-
-def encode_auth_config(auth: AuthConfig) -> bytes:
-    return b"".join(
-        (
-            encode_string_field(1, auth.username),
-            encode_string_field(2, auth.password),
-            encode_string_field(3, auth.auth),
-            encode_string_field(5, auth.identity_token),
-        )
-    )
-
-
-def decode_auth_config(data: bytes) -> AuthConfig:
-    fields = decode_message(data)
-    return AuthConfig(
-        username=last_string(fields, 1),
-        password=last_string(fields, 2),
-        auth=last_string(fields, 3),
-        identity_token=last_string(fields, 5),
-    )
-
-
-def encode_pull_image_request(image: str, auth: AuthConfig | None) -> bytes:
-    """``auth=None`` leaves field 2 out entirely: then containerd uses its ``configs.auth``."""
-    request = encode_len_field(1, encode_image_spec(image))
-    if auth is not None:
-        request += encode_len_field(2, encode_auth_config(auth))
-    return request
-
-
-def decode_pull_image_response(data: bytes) -> str:
-    return last_string(decode_message(data), 1)
-
-
-def encode_remove_image_request(image: str) -> bytes:
-    return encode_len_field(1, encode_image_spec(image))
-
-
-def encode_image_status_request(image: str) -> bytes:
-    # verbose (field 2) stays false, its default, so it is not sent.
-    return encode_len_field(1, encode_image_spec(image))
-
-
-def decode_image_status_response(data: bytes) -> bool:
-    """True when the response carries an ``image`` (field 1): the runtime has the image."""
-    return last_bytes(decode_message(data), 1) is not None
-
-
 # --- client ---------------------------------------------------------------------------------
 
 VERSION_METHOD = "/runtime.v1.RuntimeService/Version"
-PULL_IMAGE_METHOD = "/runtime.v1.ImageService/PullImage"
-REMOVE_IMAGE_METHOD = "/runtime.v1.ImageService/RemoveImage"
-IMAGE_STATUS_METHOD = "/runtime.v1.ImageService/ImageStatus"
 
 _MAX_DETAIL_CHARS = 500
 _REDACTED = "<redacted>"
@@ -289,7 +219,8 @@ def _socket_target(socket_path: str) -> str:
 
 
 class CriClient:
-    """Blocking client for the few CRI calls node-agent uses. Use as a context manager."""
+    """Blocking client for CRI `Version`, the one call node-agent makes (any other unary call
+    through `call`). Use as a context manager."""
 
     def __init__(self, socket_path: str, *, timeout: float = 5.0) -> None:
         import grpc  # noqa: PLC0415  (lazy: grpc costs ~50 ms to import)
@@ -313,33 +244,13 @@ class CriClient:
 
     def version(self, *, timeout: float | None = None) -> RuntimeVersion:
         """The runtime's ``Version``. ``timeout`` overrides the client's default."""
-        reply = self._call(VERSION_METHOD, encode_version_request(), timeout=timeout)
-        return _decoded(VERSION_METHOD, decode_version_response, reply)
-
-    def pull_image(
-        self, image: str, *, auth: AuthConfig | None = None, timeout: float | None = None
-    ) -> str:
-        """Pull ``image``; returns the image ref. ``timeout`` overrides the client's default.
-
-        With ``auth=None`` the request carries no credentials, the case in which containerd
-        falls back to the ``configs.auth`` node-agent writes.
-        """
-        secrets = auth.secret_values() if auth is not None else ()
-        request = encode_pull_image_request(image, auth)
-        reply = self._call(PULL_IMAGE_METHOD, request, timeout=timeout, secrets=secrets)
-        return _decoded(PULL_IMAGE_METHOD, decode_pull_image_response, reply)
-
-    def remove_image(self, image: str) -> None:
-        self._call(REMOVE_IMAGE_METHOD, encode_remove_image_request(image))
-
-    def image_present(self, image: str) -> bool:
-        reply = self._call(IMAGE_STATUS_METHOD, encode_image_status_request(image))
-        return _decoded(IMAGE_STATUS_METHOD, decode_image_status_response, reply)
+        reply = self.call(VERSION_METHOD, encode_version_request(), timeout=timeout)
+        return decoded(VERSION_METHOD, decode_version_response, reply)
 
     def close(self) -> None:
         self._channel.close()
 
-    def _call(
+    def call(
         self,
         method: str,
         request: bytes,
@@ -366,7 +277,8 @@ class CriClient:
 _Decoded = TypeVar("_Decoded")
 
 
-def _decoded(method: str, decode: Callable[[bytes], _Decoded], reply: bytes) -> _Decoded:
+def decoded(method: str, decode: Callable[[bytes], _Decoded], reply: bytes) -> _Decoded:
+    """`reply` decoded, a malformed one as a CriError."""
     try:
         return decode(reply)
     except ProtoDecodeError as error:

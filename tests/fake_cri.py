@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-
-from node_agent.cri import (
+from cri_images import (
     IMAGE_STATUS_METHOD,
     PULL_IMAGE_METHOD,
     REMOVE_IMAGE_METHOD,
-    VERSION_METHOD,
     AuthConfig,
-    RuntimeVersion,
     decode_auth_config,
+)
+
+from node_agent.cri import (
+    VERSION_METHOD,
+    RuntimeVersion,
     decode_message,
     encode_len_field,
     encode_string_field,

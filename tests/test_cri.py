@@ -8,33 +8,36 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cri_images import (
+    PULL_IMAGE_METHOD,
+    AuthConfig,
+    ImageClient,
+    decode_auth_config,
+    decode_image_status_response,
+    decode_pull_image_response,
+    encode_auth_config,
+    encode_image_status_request,
+    encode_pull_image_request,
+    encode_remove_image_request,
+)
 from fake_cri import CONTAINERD_VERSION, FakeCri, encode_version_response
 from fake_cri import image_and_auth as _image_and_auth
 from hypothesis import given
 from hypothesis import strategies as st
 
 from node_agent.cri import (
-    PULL_IMAGE_METHOD,
     VERSION_METHOD,
     WIRE_FIXED32,
     WIRE_FIXED64,
     WIRE_VARINT,
-    AuthConfig,
     CriClient,
     CriError,
     ProtoDecodeError,
     RuntimeVersion,
-    decode_auth_config,
-    decode_image_status_response,
     decode_message,
-    decode_pull_image_response,
     decode_varint,
     decode_version_response,
-    encode_auth_config,
-    encode_image_status_request,
     encode_len_field,
-    encode_pull_image_request,
-    encode_remove_image_request,
     encode_string_field,
     encode_varint,
     encode_version_request,
@@ -226,20 +229,20 @@ def fake_cri(socket_path: str) -> Iterator[FakeCri]:
 
 
 @pytest.fixture
-def client(socket_path: str) -> Iterator[CriClient]:
-    with CriClient(socket_path, timeout=2.0) as cri:
+def client(socket_path: str) -> Iterator[ImageClient]:
+    with ImageClient(socket_path, timeout=2.0) as cri:
         yield cri
 
 
 # --- CriClient ------------------------------------------------------------------------------
 
 
-def test_version(fake_cri: FakeCri, client: CriClient) -> None:
+def test_version(fake_cri: FakeCri, client: ImageClient) -> None:
     assert client.version() == CONTAINERD_VERSION
     assert fake_cri.requests == [(VERSION_METHOD, encode_version_request())]
 
 
-def test_pull_without_auth_sends_no_auth_field(fake_cri: FakeCri, client: CriClient) -> None:
+def test_pull_without_auth_sends_no_auth_field(fake_cri: FakeCri, client: ImageClient) -> None:
     ref = client.pull_image("127.0.0.1:5000/app:1")
     assert ref.startswith("sha256:")
     ((method, request),) = fake_cri.requests
@@ -247,13 +250,13 @@ def test_pull_without_auth_sends_no_auth_field(fake_cri: FakeCri, client: CriCli
     assert _image_and_auth(request) == ("127.0.0.1:5000/app:1", None)
 
 
-def test_pull_with_auth_sends_it(fake_cri: FakeCri, client: CriClient) -> None:
+def test_pull_with_auth_sends_it(fake_cri: FakeCri, client: ImageClient) -> None:
     fake_cri.required_auth = SECRET_AUTH
     client.pull_image("127.0.0.1:5000/app:1", auth=SECRET_AUTH)
     assert _image_and_auth(fake_cri.requests[0][1])[1] == SECRET_AUTH
 
 
-def test_failed_pull_never_reveals_the_credentials(fake_cri: FakeCri, client: CriClient) -> None:
+def test_failed_pull_never_reveals_the_credentials(fake_cri: FakeCri, client: ImageClient) -> None:
     fake_cri.required_auth = AuthConfig(username="puller", password="the-right-one")
     with pytest.raises(CriError) as caught:
         client.pull_image("127.0.0.1:5000/app:1", auth=SECRET_AUTH)
@@ -268,14 +271,14 @@ def test_failed_pull_never_reveals_the_credentials(fake_cri: FakeCri, client: Cr
     assert error.__suppress_context__
 
 
-def test_failed_pull_without_auth_keeps_the_cause(fake_cri: FakeCri, client: CriClient) -> None:
+def test_failed_pull_without_auth_keeps_the_cause(fake_cri: FakeCri, client: ImageClient) -> None:
     fake_cri.required_auth = SECRET_AUTH
     with pytest.raises(CriError) as caught:
         client.pull_image("127.0.0.1:5000/app:1")
     assert isinstance(caught.value.__cause__, grpc.RpcError)
 
 
-def test_image_lifecycle(fake_cri: FakeCri, client: CriClient) -> None:
+def test_image_lifecycle(fake_cri: FakeCri, client: ImageClient) -> None:
     assert client.image_present("a/b:c") is False
     client.pull_image("a/b:c")
     assert client.image_present("a/b:c") is True
@@ -283,14 +286,14 @@ def test_image_lifecycle(fake_cri: FakeCri, client: CriClient) -> None:
     assert client.image_present("a/b:c") is False
 
 
-def test_no_server_is_unavailable(client: CriClient) -> None:
+def test_no_server_is_unavailable(client: ImageClient) -> None:
     with pytest.raises(CriError) as caught:
         client.version()
     assert caught.value.code == "UNAVAILABLE"
     assert caught.value.method == VERSION_METHOD
 
 
-def test_server_without_cri_is_unimplemented(fake_cri: FakeCri, client: CriClient) -> None:
+def test_server_without_cri_is_unimplemented(fake_cri: FakeCri, client: ImageClient) -> None:
     fake_cri.version = None
     with pytest.raises(CriError) as caught:
         client.version()
@@ -304,14 +307,14 @@ def test_slow_server_hits_the_deadline(fake_cri: FakeCri, socket_path: str) -> N
     assert caught.value.code == "DEADLINE_EXCEEDED"
 
 
-def test_per_call_timeout_overrides_the_default(fake_cri: FakeCri, client: CriClient) -> None:
+def test_per_call_timeout_overrides_the_default(fake_cri: FakeCri, client: ImageClient) -> None:
     fake_cri.hang = threading.Event()
     with pytest.raises(CriError) as caught:
         client.pull_image("a/b:c", timeout=0.2)
     assert caught.value.code == "DEADLINE_EXCEEDED"
 
 
-def test_malformed_reply_is_an_internal_error(fake_cri: FakeCri, client: CriClient) -> None:
+def test_malformed_reply_is_an_internal_error(fake_cri: FakeCri, client: ImageClient) -> None:
     fake_cri.reply_garbage = True
     with pytest.raises(CriError) as caught:
         client.version()

@@ -94,10 +94,6 @@ class WorkQueue:
             self._scheduled[trigger] = min(at, self._scheduled.get(trigger, math.inf))
             self._changed.notify_all()
 
-    def scheduled_at(self, trigger: Trigger) -> float | None:
-        with self._changed:
-            return self._scheduled.get(trigger)
-
     def take(self, *, timeout: float) -> Batch | None:
         """The next batch, waiting at most `timeout` seconds for it; None on timeout or once
         the queue is closed."""
