@@ -23,7 +23,7 @@ from node_agent.credentials import Credentials, RegistryAuth
 from node_agent.ownership import StateStore
 from node_agent.plan import plan_target
 from node_agent.reconcile import NodeFile, Reconciler, desired_entries
-from node_agent.targets.containerd import ContainerdFormat
+from node_agent.targets.containerd import ContainerdFormat, ParsedTexts
 from node_agent.targets.kubelet import KubeletFormat
 
 SAMPLE = resources.files("node_agent.demo")
@@ -49,7 +49,10 @@ def fresh_node(root: Path, config: Path) -> Reconciler:
         SAMPLE.joinpath("node/var/lib/kubelet/config.json").read_bytes()
     )
     files = [
-        NodeFile(ContainerdFormat(), root / "config.toml", restarts_containerd=True),
+        # With a memo, as the agent's wiring builds it.
+        NodeFile(
+            ContainerdFormat(memo=ParsedTexts()), root / "config.toml", restarts_containerd=True
+        ),
         NodeFile(KubeletFormat(), root / "config.json"),
     ]
     return Reconciler(files, StateStore(root / "state"))
@@ -76,7 +79,7 @@ def bench(config: Path, count: int, rounds: int, workdir: Path) -> dict[str, flo
     reconciler.reconcile(steady)
     noop = median_ms(lambda: reconciler.reconcile(steady), rounds)
 
-    containerd = ContainerdFormat()
+    containerd = ContainerdFormat(memo=ParsedTexts())
     text = (workdir / f"node-{count}/config.toml").read_text()
     wanted = desired_entries(containerd, credentials(count, "rotated"), [])
     plan = plan_target(current=containerd.entries(text), desired=wanted, owned={})

@@ -12,7 +12,7 @@ from node_agent.ownership import StateStore
 from node_agent.reconcile import ContainerdRestart, NodeFile, Reconciler
 from node_agent.secret_files import load_credentials
 from node_agent.settings import Settings
-from node_agent.targets.containerd import ContainerdFormat
+from node_agent.targets.containerd import ContainerdFormat, ParsedTexts
 from node_agent.targets.kubelet import KubeletFormat
 
 
@@ -32,7 +32,9 @@ def node_files(settings: Settings) -> list[NodeFile]:
     """The node files `settings.targets` selects, as paths reachable from here."""
     available = {
         "containerd": NodeFile(
-            ContainerdFormat(new_file_version=settings.containerd_config_version),
+            ContainerdFormat(
+                new_file_version=settings.containerd_config_version, memo=ParsedTexts()
+            ),
             settings.on_host(settings.containerd_config),
             restarts_containerd=True,
             root=settings.host_root,

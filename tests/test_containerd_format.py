@@ -18,15 +18,10 @@ from hypothesis import strategies as st
 
 from node_agent.credentials import DOCKER_HUB, RegistryAuth
 from node_agent.targets import Entry, FormatError, Skip
-from node_agent.targets.containerd import (
-    ContainerdFormat,
-    _basic_string,
-    _configs_in,
-    _edited,
-    _plugin_of,
-    _real_changes,
-    _rotate_in_place,
-)
+from node_agent.targets.containerd import ContainerdFormat, ParsedTexts
+from node_agent.targets.containerd.format import _edited
+from node_agent.targets.containerd.reading import _configs_in, _load, _plugin_of, _real_changes
+from node_agent.targets.containerd.rotation import _basic_string, _rotation
 
 CONTAINERD = ContainerdFormat()
 CRI = 'plugins."io.containerd.grpc.v1.cri"'
@@ -901,6 +896,20 @@ def test_random_edits_of_odd_layouts_change_only_the_named_entries(
 # the fast path: a password rotation as a line edit
 
 
+def _rotate_in_place(
+    text: str, changes: Mapping[str, Entry | None], *, data: Mapping[str, Any] | None = None
+) -> str | None:
+    """What the fast path makes of `text` (parsed: `data`), as `render` calls it; None when
+    it declines."""
+    try:
+        data = _load(text) if data is None else data
+        plugin = _plugin_of(data)
+    except FormatError:
+        return None
+    rotated = _rotation(text, data, plugin, changes)
+    return None if rotated is None else rotated[0]
+
+
 def with_agent_table(text: str) -> str:
     """`text` after the agent wrote its `reg.example` table (through the general path)."""
     return CONTAINERD.render(text, {"reg.example": NEW})
@@ -1168,7 +1177,7 @@ def test_random_rotations_change_exactly_the_values(
 
 def test_entries_hand_out_copies_of_what_they_remember() -> None:
     text = MINIMAL + toml(auth_header("r"), 'username = "u"', 'mirrors = ["a"]')
-    containerd = ContainerdFormat()
+    containerd = ContainerdFormat(memo=ParsedTexts())
     containerd.entries(text)["r"]["mirrors"].append("b")
     containerd.entries(text)["r"]["username"] = "changed"
     assert containerd.entries(text) == {"r": {"username": "u", "mirrors": ["a"]}}
@@ -1182,7 +1191,7 @@ def test_entries_hand_out_copies_of_what_they_remember() -> None:
 def test_one_instance_over_many_passes_renders_like_fresh_ones(
     base: str, steps: list[dict[str, Entry | None]]
 ) -> None:
-    shared, text = ContainerdFormat(), ROUND_TRIP_FILES[base]
+    shared, text = ContainerdFormat(memo=ParsedTexts()), ROUND_TRIP_FILES[base]
     for updates in steps:
         assert shared.entries(text) == ContainerdFormat().entries(text)
         rendered = shared.render(text, updates)
@@ -1191,8 +1200,18 @@ def test_one_instance_over_many_passes_renders_like_fresh_ones(
     assert shared.entries(text) == ContainerdFormat().entries(text)
 
 
+def test_the_memo_holds_the_last_two_texts_read_or_rendered() -> None:
+    memo = ParsedTexts()
+    containerd = ContainerdFormat(memo=memo)
+    rendered = containerd.render(MINIMAL, {"r": NEW})
+    assert memo.get(rendered) == tomllib.loads(rendered)  # the next pass reads it
+    assert memo.get(MINIMAL) == {"version": 2}
+    containerd.entries(V2_CONFIG)
+    assert memo.get(MINIMAL) is None and memo.get(V2_CONFIG) is not None
+
+
 def test_unreadable_text_is_refused_every_time() -> None:
-    containerd = ContainerdFormat()
+    containerd = ContainerdFormat(memo=ParsedTexts())
     for _ in range(2):
         with pytest.raises(FormatError, match="not valid TOML"):
             containerd.entries("version = 2\n[a]\nb = SECRET\n")
