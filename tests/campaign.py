@@ -26,7 +26,7 @@ import time
 import tomllib
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from hypothesis import HealthCheck, settings
 from kubeapi import KubeApiServer
 from leak_audit import CANARY_PASSWORD, CANARY_USERNAME
 from prometheus_client.parser import text_string_to_metric_families
+from support.waiting import wait_until
 
 from node_agent.cli import main
 from node_agent.daemon.daemon import Daemon
@@ -390,17 +391,6 @@ DAEMON_REGISTRY = "reg.example:5000"
 TARGET_NAMES = ("containerd", "kubelet")
 
 
-def wait_until(
-    condition: Callable[[], object], *, timeout: float, what: str | Callable[[], str]
-) -> float:
-    """Poll until `condition()` is truthy; the seconds it took. Fails after `timeout`, saying
-    `what` (a callable: asked only then, so it can describe the state at that moment)."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout:g}s: {what() if callable(what) else what}")
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 @dataclass(frozen=True)

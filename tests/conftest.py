@@ -8,6 +8,7 @@ import pytest
 from campaign import CAMPAIGN_PROPERTY, campaign_table
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit, start_audit
+from support.cri import fake_cri_socket
 
 
 @pytest.fixture
@@ -57,3 +58,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_sep("=", "reliability campaigns")
         for line in campaign_table(rows):
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def cri_socket() -> Iterator[str]:
+    """A fake CRI answering Version (tests/fake_cri.py), on a short socket path."""
+    with fake_cri_socket() as socket_path:
+        yield socket_path

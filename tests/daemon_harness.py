@@ -10,7 +10,6 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from campaign import NodeTree
 from kubeapi import KubeApiServer
 from prometheus_client.parser import text_string_to_metric_families
+from support.waiting import wait_until
 
 from node_agent.daemon.daemon import Daemon
 from node_agent.daemon.run import build_daemon
@@ -121,13 +121,6 @@ class Node(NodeTree):
         return self.containerd_password(), self.kubelet_password()
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 3.0, what: str = "") -> float:
-    """Poll until `condition()` is truthy; the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"not in {timeout}s: {what}"
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 @dataclass

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,8 +47,8 @@ from campaign import (
     campaign_size,
     run_cli,
 )
-from fake_cri import FakeCri
 from leak_audit import CANARY_PASSWORD, CANARY_USERNAME, LeakAudit
+from support.cri import fake_cri_socket
 
 from node_agent.ownership import AgentState, StateStore
 
@@ -145,13 +143,9 @@ class Verdict:
 
 @pytest.fixture(scope="module")
 def cri_socket() -> Iterator[str]:
-    # A short path: unix socket paths are limited to ~100 bytes, tmp_path can be longer.
-    directory = tempfile.mkdtemp(prefix="na-crash-", dir="/tmp")
-    socket_path = os.path.join(directory, "cri.sock")
-    fake = FakeCri(socket_path).start()
-    yield socket_path
-    fake.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    """One fake CRI for the whole module (the module's many kills share it)."""
+    with fake_cri_socket(prefix="na-crash-") as socket_path:
+        yield socket_path
 
 
 class Campaign:

@@ -49,10 +49,10 @@ from campaign import (
     dockerconfig_data,
     is_full_scale,
     running_daemon,
-    wait_until,
 )
 from kubeapi import KubeApiServer
 from leak_audit import CANARY_USERNAME, LeakAudit
+from support.waiting import wait_until
 
 CAMPAIGN = "daemon: API faults"
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_daemon_api_faults.py"

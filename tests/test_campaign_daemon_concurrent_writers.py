@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +40,10 @@ from campaign import (
     campaign,
     campaign_size,
     daemon_argv,
-    wait_until,
 )
-from fake_cri import FakeCri
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit
+from support.waiting import wait_until
 
 CAMPAIGN = "daemon: concurrent writers"
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_daemon_concurrent_writers.py"
@@ -138,13 +134,6 @@ date +%s.%N >> "$1"
 pytestmark = pytest.mark.usefixtures("leak_audit")
 
 
-@pytest.fixture
-def cri_socket() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="na-cri-", dir="/tmp"))
-    fake = FakeCri(str(directory / "cri.sock")).start()
-    yield directory / "cri.sock"
-    fake.stop()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def writer_generation(text: str) -> int | None:
@@ -190,7 +179,7 @@ def test_another_writer_loses_nothing_and_the_agent_does_not_fight(
     pacing: str,
     tmp_path: Path,
     kube_api: KubeApiServer,
-    cri_socket: Path,
+    cri_socket: str,
     leak_audit: LeakAudit,
     record_property: Any,
 ) -> None:
@@ -207,7 +196,7 @@ def test_another_writer_loses_nothing_and_the_agent_does_not_fight(
         node,
         kube_api,
         restart_command=f"/bin/sh {script} {restart_log}",
-        cri_socket=cri_socket,
+        cri_socket=Path(cri_socket),
         extra=["--min-reload-interval", f"{MIN_RELOAD_INTERVAL:g}s"],
     )
     agent = AgentProcess.start(argv, log=tmp_path / "agent.log")

@@ -57,10 +57,10 @@ from campaign import (
     daemon_settings,
     fill_filesystem,
     running_daemon,
-    wait_until,
 )
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit
+from support.waiting import wait_until
 
 CAMPAIGN = "daemon: I/O faults"
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_daemon_io_faults.py (root)"

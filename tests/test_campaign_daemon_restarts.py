@@ -47,11 +47,11 @@ from campaign import (
     daemon_settings,
     is_full_scale,
     running_daemon,
-    wait_until,
 )
 from fake_cri import CONTAINERD_VERSION, FakeCri
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit
+from support.waiting import wait_until
 
 CAMPAIGN = "daemon: one restart attempt per interval"
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_daemon_restarts.py"

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,10 +32,9 @@ from daemon_harness import (
     dockerconfig,
     start_daemon,
     update_secret,
-    wait_until,
 )
-from fake_cri import FakeCri
 from kubeapi import KubeApiServer
+from support.waiting import wait_until
 
 from node_agent.daemon.run import build_daemon
 from node_agent.daemon.work_queue import Batch
@@ -52,15 +48,6 @@ def node(tmp_path: Path) -> Node:
     return Node.create(tmp_path / "node")
 
 
-@pytest.fixture
-def cri_socket() -> Iterator[str]:
-    """A fake CRI answering Version, on a short path (unix socket paths are limited)."""
-    directory = tempfile.mkdtemp(prefix="na-cri-", dir="/tmp")
-    socket_path = os.path.join(directory, "cri.sock")
-    fake = FakeCri(socket_path).start()
-    yield socket_path
-    fake.stop()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 StartAgent = Callable[..., Agent]

@@ -4,19 +4,15 @@ imports each command pays for."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fake_cri import FakeCri
 from kubeapi import KubeApiServer
+from support.waiting import wait_until
 
 NS = "kube-system"
 NAME = "registry-credentials"
@@ -29,14 +25,6 @@ def dockerconfig(password: str) -> dict[str, bytes]:
     return {".dockerconfigjson": json.dumps(document).encode()}
 
 
-@pytest.fixture
-def cri_socket() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="na-cri-", dir="/tmp")
-    socket_path = os.path.join(directory, "cri.sock")
-    fake = FakeCri(socket_path).start()
-    yield socket_path
-    fake.stop()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -68,11 +56,6 @@ def agent_command(node: Path, *extra: str) -> list[str]:
     ]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def kubelet_text(node: Path) -> str:

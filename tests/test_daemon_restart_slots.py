@@ -32,10 +32,10 @@ from daemon_harness import (
     create_secret,
     start_daemon,
     update_secret,
-    wait_until,
 )
 from fake_cri import FakeCri
 from kubeapi import KubeApiServer
+from support.waiting import wait_until
 
 from node_agent.settings import RestartCoordination
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from kubeapi import KubeApiServer
+from support.waiting import wait_until
 
 from node_agent.kube.client import KubeApi
 from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotState, SlotTiming
@@ -35,12 +36,6 @@ FAST = SlotTiming(
 )
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @dataclass

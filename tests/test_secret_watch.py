@@ -19,6 +19,7 @@ import pytest
 from kubeapi import SECRETS, KubeApiServer
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
+from support.waiting import wait_until
 
 from node_agent.backoff import Backoff
 from node_agent.kube.client import KubeApi, load_api_client
@@ -135,11 +136,6 @@ def follow(kube_api: KubeApiServer) -> Iterator[Follow]:
         api.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def watching(kube_api: KubeApiServer) -> None:
