@@ -20,8 +20,9 @@ from kubeapi import KubeApiServer
 from support.waiting import wait_until
 
 from node_agent.kube.client import KubeApi
-from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotState, SlotTiming
+from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotTiming
 from node_agent.restart_slots.leases import new_lease, slot_order
+from node_agent.restart_slots.machine import SlotState
 
 NS = "node-agent"
 FAST = SlotTiming(

@@ -6,24 +6,19 @@ that talks to the API happens on this module's own thread, so a slow or absent A
 blocks a reconcile, and the slot's Lease is renewed every TTL/3 while the worker restarts
 containerd.
 
-States:
-
-    IDLE ──request──▶ WAITING ──slot claimed──▶ HOLDING ──restart healthy──▶ SETTLING ─▶ IDLE
-                        │  └──API unreachable > max-wait──▶ UNCOORDINATED ──pass──▶ IDLE
-                        └──no restart needed any more──▶ IDLE
-    HOLDING ──restart failed / rolled back──▶ KEPT (renewing: the rollout stops here)
-    KEPT ──a later healthy restart──▶ SETTLING;  KEPT ──in sync without restart──▶ release
-    any holding state ──Lease taken or released by someone else──▶ IDLE
+The slot's states and what moves it between them are `machine.transition` (pure, and drawn
+in README "Fleet-safe containerd restarts"); this module feeds it events and carries out
+its actions: the API calls of seeking a slot (list, claim, watch) and of holding one (renew,
+release), on the thread.
 """
 
-import enum
 import logging
 import math
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -49,28 +44,27 @@ from node_agent.restart_slots.leases import (
     slot_leases,
     slot_order,
 )
+from node_agent.restart_slots.machine import (
+    HOLDS_LEASE,
+    MAY_RESTART,
+    Action,
+    ApiGaveUp,
+    Event,
+    GivenBack,
+    Granted,
+    PassDone,
+    Requested,
+    Slot,
+    SlotState,
+    transition,
+)
 
 log = logging.getLogger(__name__)
-
-
-class SlotState(enum.Enum):
-    IDLE = "idle"
-    WAITING = "waiting"
-    HOLDING = "holding"
-    """A slot is held for the restart the worker is about to make."""
-    KEPT = "kept"
-    """The restart under this slot failed: the slot stays held, so the rollout stops here."""
-    SETTLING = "settling"
-    """The restart went well (or was not needed): the slot is given back soon."""
-    UNCOORDINATED = "uncoordinated"
-    """The API was unreachable for longer than max-wait: restart without a slot."""
 
 
 # Stopping: the release must fit in the daemon's stop budget.
 _FINAL_TIMEOUT: RequestTimeout = (1.0, 2.0)
 
-_MAY_RESTART = frozenset({SlotState.HOLDING, SlotState.KEPT, SlotState.UNCOORDINATED})
-_HOLDS_LEASE = frozenset({SlotState.HOLDING, SlotState.KEPT, SlotState.SETTLING})
 
 
 class SlotReporter(Protocol):
@@ -206,13 +200,11 @@ class RestartSlots:
             initial=self._timing.retry_initial, maximum=self._timing.retry_max, rng=self._rng
         )
         self._changed = threading.Condition()
-        self._state = SlotState.IDLE
+        self._slot = Slot()
         self._stopped = False
         self._held: SlotLease | None = None
         self._renew_at = 0.0
-        self._release_at = 0.0
         self._renewed_at = 0.0
-        self._again = False
         self._wait_started = 0.0
         self._not_before = 0.0
         self._unreachable_since: float | None = None
@@ -242,7 +234,7 @@ class RestartSlots:
     @property
     def state(self) -> SlotState:
         with self._changed:
-            return self._state
+            return self._slot.state
 
     @property
     def held_slot(self) -> str | None:
@@ -255,57 +247,61 @@ class RestartSlots:
         """Whether containerd may be restarted now: a slot is held (or the API has been
         unreachable for longer than max-wait)."""
         with self._changed:
-            return self._state in _MAY_RESTART
+            return self._slot.state in MAY_RESTART
 
     def request(self) -> None:
         """containerd's config needs a restart: get a slot (`on_granted` is called then)."""
-        with self._changed:
-            if self._state is SlotState.IDLE:
-                self._begin_wait()
-            elif self._state is SlotState.SETTLING:
-                self._again = True
+        self._handle(Requested())
 
     def pass_done(self, *, restart: str | None, containerd_in_sync: bool, failed: bool) -> None:
         """What a pass did: `restart` is its restart result (`success`, `rolled_back`,
         `failed`) or None; `containerd_in_sync` whether containerd runs the desired config;
         `failed` whether the pass ended in an error."""
-        report: Callable[[], None] | None = None
+        self._handle(
+            PassDone(
+                restart,
+                in_sync=containerd_in_sync,
+                failed=failed,
+                now=self._clock(),
+                settle=self.config.settle,
+            )
+        )
+
+    # the state machine
+
+    def _handle(self, event: Event) -> None:
+        """Move the slot on `event` and carry out the actions (reports and the grant outside
+        the lock: they call other parts of the agent)."""
         with self._changed:
-            state, now = self._state, self._clock()
-            if state in (SlotState.HOLDING, SlotState.KEPT):
-                report = self._after_holding_pass(
-                    state, restart, in_sync=containerd_in_sync, failed=failed, now=now
-                )
-            elif state is SlotState.UNCOORDINATED and (restart is not None or containerd_in_sync):
-                self._state = SlotState.IDLE
-            elif state is SlotState.WAITING and containerd_in_sync:
-                self._state = SlotState.IDLE
-                self._interrupt_watch()
-                report = self._reporter.restart_wait_over
-            self._changed.notify_all()
-        if report is not None:
-            report()
+            actions = self._transition(event)
+        self._carry_out(actions)
 
-    def _after_holding_pass(
-        self, state: SlotState, restart: str | None, *, in_sync: bool, failed: bool, now: float
-    ) -> Callable[[], None] | None:
-        held = self._held
-        assert held is not None, "a holding state has a Lease"
-        if restart == "success":
-            self._settle_until(now + self.config.settle)
-        elif restart is not None:
-            self._state = SlotState.KEPT
-            namespace = self.config.namespace
-            return lambda: self._reporter.restart_slot_kept(held.name, namespace=namespace)
-        elif in_sync or (failed and state is SlotState.HOLDING):
-            # Nothing restarted: the change needs no restart any more, or the pass failed
-            # before restarting (a node-file problem of this node, not a bad change).
-            self._settle_until(now)
-        return None
+    def _transition(self, event: Event) -> tuple[Action, ...]:
+        """The state change itself; call with the lock held."""
+        self._slot, actions = transition(self._slot, event)
+        if Action.BEGIN_WAIT in actions:
+            now = self._clock()
+            self._wait_started = now
+            self._not_before = now + self._rng.uniform(0, self._timing.start_jitter)
+            self._unreachable_since = None
+        if Action.END_WAIT in actions:
+            self._interrupt_watch()
+        self._changed.notify_all()
+        return actions
 
-    def _settle_until(self, at: float) -> None:
-        self._state = SlotState.SETTLING
-        self._release_at = at
+    def _carry_out(self, actions: tuple[Action, ...]) -> None:
+        config = self.config
+        for action in actions:
+            if action is Action.BEGIN_WAIT:
+                self._reporter.restart_queued(slots=config.concurrency, namespace=config.namespace)
+            elif action is Action.END_WAIT:
+                self._reporter.restart_wait_over()
+            elif action is Action.REPORT_KEPT:
+                held = self._held
+                assert held is not None, "a kept slot has a Lease"
+                self._reporter.restart_slot_kept(held.name, namespace=config.namespace)
+            elif action is Action.GRANT:
+                self._on_granted()
 
     # the thread
 
@@ -314,8 +310,8 @@ class RestartSlots:
             with self._changed:
                 if self._stopped:
                     break
-                state = self._state
-                if state not in _HOLDS_LEASE and state is not SlotState.WAITING:
+                state = self._slot.state
+                if state not in HOLDS_LEASE and state is not SlotState.WAITING:
                     self._changed.wait()
                     continue
             if state is SlotState.WAITING:
@@ -326,24 +322,13 @@ class RestartSlots:
 
     def _on_exit(self) -> None:
         with self._changed:
-            state = self._state
+            state = self._slot.state
         if state is SlotState.WAITING:
             self._reporter.restart_wait_over()
         elif state in (SlotState.HOLDING, SlotState.SETTLING):
             self._release(final=True)
 
     # waiting for a slot
-
-    def _begin_wait(self) -> None:
-        now = self._clock()
-        self._state = SlotState.WAITING
-        self._wait_started = now
-        self._not_before = now + self._rng.uniform(0, self._timing.start_jitter)
-        self._unreachable_since = None
-        self._changed.notify_all()
-        self._reporter.restart_queued(
-            slots=self.config.concurrency, namespace=self.config.namespace
-        )
 
     def _try_to_acquire(self) -> None:
         delay = self._not_before - self._clock()
@@ -411,14 +396,12 @@ class RestartSlots:
             self._held = lease
             self._renewed_at = now
             self._renew_at = now + self.config.renew_every
-            if self._state is not SlotState.WAITING or self._stopped:
-                self._settle_until(now)  # no longer wanted: give it back
-                return
-            self._state = SlotState.HOLDING
+            actions = self._transition(Granted(now, stopping=self._stopped))
             waited = now - self._wait_started
-        log.info("restart slot %s acquired after %.1fs", lease.name, waited)
-        self._reporter.restart_slot_acquired(lease.name, waited=waited)
-        self._on_granted()
+        if Action.REPORT_ACQUIRED in actions:
+            log.info("restart slot %s acquired after %.1fs", lease.name, waited)
+            self._reporter.restart_slot_acquired(lease.name, waited=waited)
+        self._carry_out(actions)
 
     def _watch_slots(
         self, resource_version: str, retry_in: float, leases: dict[str, SlotLease]
@@ -440,7 +423,7 @@ class RestartSlots:
             self._api_failed(error)
             return None
         with self._changed:
-            if self._state is not SlotState.WAITING or self._stopped:
+            if self._slot.state is not SlotState.WAITING or self._stopped:
                 stream.close()
                 return None
             self._stream_interrupt = stream.interrupt
@@ -498,9 +481,9 @@ class RestartSlots:
 
     def _fail_open(self, unreachable_for: float, problem: str) -> None:
         with self._changed:
-            if self._state is not SlotState.WAITING:
-                return
-            self._state = SlotState.UNCOORDINATED
+            actions = self._transition(ApiGaveUp())
+        if Action.REPORT_FAILED_OPEN not in actions:
+            return
         log.warning(
             "restart slots: the API has been unreachable for %.0fs (over --restart-max-wait): "
             "restarting containerd without a slot (%s)",
@@ -508,20 +491,21 @@ class RestartSlots:
             problem,
         )
         self._reporter.restart_failed_open(unreachable_for=unreachable_for, problem=problem)
-        self._on_granted()
+        self._carry_out(actions)
 
     # holding a slot
 
     def _keep_or_release(self) -> None:
         with self._changed:
             now = self._clock()
-            releasing = self._state is SlotState.SETTLING
-            if releasing and now >= self._release_at:
+            releasing = self._slot.state is SlotState.SETTLING
+            release_at = self._slot.release_at
+            if releasing and now >= release_at:
                 due = "release"
             elif now >= self._renew_at:
                 due = "renew"
             else:
-                until = min(self._renew_at, self._release_at if releasing else math.inf)
+                until = min(self._renew_at, release_at if releasing else math.inf)
                 self._changed.wait(until - now)
                 return
         if due == "release":
@@ -600,7 +584,8 @@ class RestartSlots:
                 return
             log.warning("restart slot %s: release failed (%s); retrying", held.name, error)
             with self._changed:
-                self._release_at = self._clock() + self._timing.renew_retry
+                retry_at = self._clock() + self._timing.renew_retry
+                self._slot = replace(self._slot, release_at=retry_at)
             return
         log.info("restart slot %s released", held.name)
         self._after_release()
@@ -609,17 +594,15 @@ class RestartSlots:
     def _after_release(self) -> None:
         with self._changed:
             self._held = None
-            again, self._again = self._again, False
-            self._state = SlotState.IDLE
-            if again and not self._stopped:
-                self._begin_wait()
+            actions = self._transition(GivenBack(stopping=self._stopped))
+        self._carry_out(actions)
 
     # helpers
 
     def _pause(self, seconds: float, state: SlotState) -> None:
         """Wait up to `seconds`, less if the state changes or the slots are stopped."""
         with self._changed:
-            if self._state is state and not self._stopped and seconds > 0:
+            if self._slot.state is state and not self._stopped and seconds > 0:
                 self._changed.wait(seconds)
 
     def _interrupt_watch(self) -> None:
