@@ -4,19 +4,20 @@ node's reconciler, its output for a person, and the exit code."""
 import logging
 from typing import TextIO
 
+from node_agent.containerd_versions import ConfigTomlAuth
 from node_agent.errors import RestartFailed
 from node_agent.exit_codes import EXIT_OK, EXIT_OUT_OF_SYNC
 from node_agent.preview import change_summary, redacted_diff
-from node_agent.reconcile import Outcome
+from node_agent.reconcile import Outcome, Reconciler
 from node_agent.settings import Settings
-from node_agent.wiring import build_reconciler, load_sources
+from node_agent.wiring import build_reconciler, containerd_support, load_sources
 
 log = logging.getLogger(__name__)
 
 
 def reconcile_command(settings: Settings, out: TextIO) -> int:
     """`node-agent reconcile`: one pass (or a redacted preview with --dry-run)."""
-    outcome = build_reconciler(settings).reconcile(load_sources(settings))
+    outcome = _reconciler(settings).reconcile(load_sources(settings))
     _warn(outcome)
     if outcome.dry_run:
         _print_preview(outcome, out)
@@ -29,7 +30,7 @@ def reconcile_command(settings: Settings, out: TextIO) -> int:
 
 def check_command(settings: Settings, out: TextIO) -> int:
     """`node-agent check`: 0 when every file matches the credentials, 3 when not."""
-    outcome = build_reconciler(settings).inspect(load_sources(settings))
+    outcome = _reconciler(settings).inspect(load_sources(settings))
     _warn(outcome)
     for prepared in outcome.files:
         for line in change_summary(prepared):
@@ -40,6 +41,13 @@ def check_command(settings: Settings, out: TextIO) -> int:
         print("in sync", file=out)
         return EXIT_OK
     return EXIT_OUT_OF_SYNC
+
+
+def _reconciler(settings: Settings) -> Reconciler:
+    support = containerd_support(settings)
+    if support.auth is not ConfigTomlAuth.WRITE:
+        log.warning("%s", support.describe())
+    return build_reconciler(settings, support=support)
 
 
 def _print_preview(outcome: Outcome, out: TextIO) -> None:

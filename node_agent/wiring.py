@@ -2,18 +2,28 @@
 containerd restart, the credential sources. The node's one `Reconciler` is built here, for
 the one-shot commands and the daemon alike."""
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from node_agent.containerd_restart import Restarter, make_restarter, restart_and_check
+from node_agent.containerd_versions import UNKNOWN, ConfigTomlAuth, ContainerdSupport, support_for
 from node_agent.credentials import Credentials
+from node_agent.cri import CriClient, CriError
+from node_agent.host_paths import resolve_in_root
 from node_agent.ownership import StateStore
 from node_agent.reconcile import ContainerdRestart, NodeFile, Reconciler
 from node_agent.secret_files import load_credentials
 from node_agent.settings import Settings
 from node_agent.targets.containerd import ContainerdFormat, ParsedTexts
 from node_agent.targets.kubelet import KubeletFormat
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for containerd's CRI `Version` when deciding about config.toml: a node
+#: without containerd answering must not slow every command down.
+_VERSION_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,12 +71,34 @@ def containerd_restart(settings: Settings) -> ContainerdRestart | None:
     return RestartContainerd(restarter, socket, settings.restart_timeout)
 
 
+def containerd_support(settings: Settings) -> ContainerdSupport:
+    """What to do with config.toml for the containerd this node runs (CRI `Version`, asked
+    once); `UNKNOWN` (keep writing it, as always) when containerd does not answer."""
+    if "containerd" not in settings.targets:
+        return UNKNOWN
+    socket = resolve_in_root(settings.host_root, settings.on_host(settings.containerd_socket))
+    try:
+        with CriClient(str(socket.path), timeout=_VERSION_TIMEOUT) as cri:
+            runtime = cri.version(timeout=_VERSION_TIMEOUT)
+    except CriError as error:
+        log.debug("containerd did not say its version (%s): config.toml kept as before", error)
+        return UNKNOWN
+    return support_for(runtime.runtime_version)
+
+
 def build_reconciler(
-    settings: Settings, *, clock: Callable[[], float] = time.monotonic
+    settings: Settings,
+    *,
+    support: ContainerdSupport = UNKNOWN,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Reconciler:
-    """The node's one reconciler (the one-shot commands' and the daemon's)."""
+    """The node's one reconciler (the one-shot commands' and the daemon's). With a
+    containerd that no longer reads config.toml auth, its file is not among the node's."""
+    files = node_files(settings)
+    if support.auth is ConfigTomlAuth.LEAVE_ALONE:
+        files = [node_file for node_file in files if not node_file.restarts_containerd]
     return Reconciler(
-        node_files=node_files(settings),
+        node_files=files,
         state_store=StateStore(settings.on_host(settings.state_dir), root=settings.host_root),
         containerd=containerd_restart(settings),
         dry_run=settings.dry_run,

@@ -97,10 +97,10 @@ def test_sigterm_during_a_pass_finishes_it_and_exits_0_within_5s_leaving_no_temp
     )
     agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(restarts.exists)  # the first pass is done
+        wait_until(restarts.exists, timeout=10.0)  # the first pass is done
         kube_api.update_secret(NS, NAME, dockerconfig("Pa55-rotated"))
-        wait_until(lambda: "cHVsbGVyOlBhNTUtcm90YXRlZA==" in kubelet_text(node))
-        wait_until(lambda: started_log.read_text().split() == ["started", "started"])
+        wait_until(lambda: "cHVsbGVyOlBhNTUtcm90YXRlZA==" in kubelet_text(node), timeout=10.0)
+        wait_until(lambda: started_log.read_text().split() == ["started", "started"], timeout=10.0)
         started = time.monotonic()
         agent.send_signal(signal.SIGTERM)
         _, stderr = agent.communicate(timeout=10)
@@ -123,7 +123,7 @@ def test_sigint_on_an_idle_file_only_agent_exits_0_at_once(node: Path, tmp_path:
     command = agent_command(node, "--secret-file", str(secret), "--reload", "none")
     agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: REGISTRY in kubelet_text(node))
+        wait_until(lambda: REGISTRY in kubelet_text(node), timeout=10.0)
         started = time.monotonic()
         agent.send_signal(signal.SIGINT)
         agent.communicate(timeout=10)

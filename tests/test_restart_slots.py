@@ -172,7 +172,7 @@ class TestOneNode:
         assert not agent.slots.may_restart()
         time.sleep(0.3)
         assert holder(kube_api) == "node-a"
-        wait_until(lambda: holder(kube_api) is None)
+        wait_until(lambda: holder(kube_api) is None, timeout=10.0)
         assert agent.state() is SlotState.IDLE
 
     def test_the_slot_is_renewed_while_held(
@@ -193,7 +193,7 @@ class TestOneNode:
         other.wait_for_slot()
         agent = make_agent("node-a")
         agent.slots.request()
-        wait_until(lambda: agent.reports.pending == 1)
+        wait_until(lambda: agent.reports.pending == 1, timeout=10.0)
         agent.slots.pass_done(restart=None, containerd_in_sync=True, failed=False)
         assert agent.state() is SlotState.IDLE
         assert agent.reports.pending == 0
@@ -209,7 +209,7 @@ class TestOneNode:
         agent.slots.request()
         agent.wait_for_slot()
         agent.slots.pass_done(restart=None, containerd_in_sync=False, failed=True)
-        wait_until(lambda: holder(kube_api) is None)
+        wait_until(lambda: holder(kube_api) is None, timeout=10.0)
 
     def test_stopping_gives_back_a_slot_held_for_a_healthy_restart(
         self, kube_api: KubeApiServer, make_agent: AgentFactory
@@ -230,7 +230,7 @@ class TestSharingSlots:
         first.slots.request()
         first.wait_for_slot()
         second.slots.request()
-        wait_until(lambda: second.reports.pending == 1)
+        wait_until(lambda: second.reports.pending == 1, timeout=10.0)
         time.sleep(0.5)
         assert not second.granted.is_set()
         first.restarted()
@@ -280,7 +280,7 @@ class TestSharingSlots:
         assert most_at_once <= 3
         acquired = [c for c in kube_api.slot_timeline(NS) if c.kind in ("acquire", "takeover")]
         assert sorted({c.new_holder for c in acquired}) == sorted(a.node for a in agents)
-        wait_until(lambda: all(a.state() is SlotState.IDLE for a in agents))
+        wait_until(lambda: all(a.state() is SlotState.IDLE for a in agents), timeout=10.0)
 
     def test_a_released_slot_draws_few_claims_and_waiting_nodes_ignore_renewals(
         self, kube_api: KubeApiServer, make_agent: AgentFactory
@@ -292,7 +292,7 @@ class TestSharingSlots:
         waiting = [make_agent(f"node-{i}", ttl=6.0, timing=long_watch) for i in range(10)]
         for agent in waiting:
             agent.slots.request()
-        wait_until(lambda: all(a.reports.pending == 1 for a in waiting))
+        wait_until(lambda: all(a.reports.pending == 1 for a in waiting), timeout=10.0)
         time.sleep(0.3)
         kube_api.clear_requests()
         time.sleep(2.5)  # a renewal, well before the slot could expire
@@ -302,7 +302,7 @@ class TestSharingSlots:
         for _ in range(3):
             kube_api.clear_requests()
             holder_now.restarted()
-            wait_until(lambda: sum(a.granted.is_set() for a in waiting) == 1)
+            wait_until(lambda: sum(a.granted.is_set() for a in waiting) == 1, timeout=10.0)
             holder_now = next(a for a in waiting if a.granted.is_set())
             holder_now.wait_for_slot()
             waiting.remove(holder_now)
@@ -375,7 +375,7 @@ class TestFailedRestarts:
         next_node.slots.request()
         kube_api.release_lease(NS, "node-agent-restart-0")
         next_node.wait_for_slot(timeout=5.0)
-        wait_until(lambda: bad.state() is SlotState.IDLE)
+        wait_until(lambda: bad.state() is SlotState.IDLE, timeout=10.0)
         assert "lost node-agent-restart-0 to node-b" in bad.reports.calls or (
             "lost node-agent-restart-0 to None" in bad.reports.calls
         )
@@ -391,7 +391,7 @@ class TestFailedRestarts:
         bad.slots.pass_done(restart=None, containerd_in_sync=False, failed=True)
         assert bad.state() is SlotState.KEPT
         bad.slots.pass_done(restart=None, containerd_in_sync=True, failed=False)
-        wait_until(lambda: holder(kube_api) is None)
+        wait_until(lambda: holder(kube_api) is None, timeout=10.0)
 
 
 class TestApiOutages:

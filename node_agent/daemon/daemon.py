@@ -51,7 +51,7 @@ from node_agent.metrics import AgentMetrics
 from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotTiming
 from node_agent.settings import DaemonSettings
 from node_agent.status_server import Health, StatusServer
-from node_agent.wiring import build_reconciler
+from node_agent.wiring import build_reconciler, containerd_support
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class Daemon:
             fallback_files=node.fallback_secret_files,
             on_delete=settings.on_secret_delete,
         )
-        self.reconciler = build_reconciler(node, clock=parts.clock)
+        self.containerd = containerd_support(node)
+        self.reconciler = build_reconciler(node, support=self.containerd, clock=parts.clock)
         self.gate = (
             RestartGate(min_interval=settings.min_restart_interval, clock=parts.clock)
             if self.reconciler.restarts_containerd
@@ -127,6 +128,7 @@ class Daemon:
         self.reporter = DaemonReporter(
             metrics=parts.metrics, events=parts.events, readiness=readiness
         )
+        self.reporter.containerd_found(self.containerd)
         self.file_watch = DirectoryWatch(self._interests())
         self.slots = self._restart_slots()
         self.worker = Worker(

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
+from node_agent.containerd_versions import ConfigTomlAuth, ContainerdSupport
 from node_agent.daemon.credential_sources import CredentialSources, SourceChange
 from node_agent.daemon.outcomes import TargetWrite
 from node_agent.daemon.worker import PassReport
@@ -27,6 +28,11 @@ DRIFT_REPAIRED = "RegistryCredentialsDriftRepaired"
 INVALID = "RegistryCredentialsInvalid"
 ROLLED_BACK = "ContainerdRestartRolledBack"
 RECONCILE_FAILED = "RegistryCredentialsReconcileFailed"
+#: What the node's containerd means for config.toml auth, when it is not plain writing.
+CONTAINERD_SUPPORT = {
+    ConfigTomlAuth.WRITE_WITH_WARNING: "ContainerdTransferServiceOff",
+    ConfigTomlAuth.LEAVE_ALONE: "ContainerdConfigTomlLeftAlone",
+}
 
 
 class EventSink(Protocol):
@@ -141,6 +147,15 @@ class DaemonReporter:
             self._events.record(
                 RECONCILE_FAILED, reconcile_failed_message(report.error), type="Warning"
             )
+
+    def containerd_found(self, support: ContainerdSupport) -> None:
+        """Said once, at start: what this containerd means for config.toml auth."""
+        reason = CONTAINERD_SUPPORT.get(support.auth)
+        if reason is None:
+            log.info("%s", support.describe())
+            return
+        log.warning("%s", support.describe())
+        self._events.record(reason, support.describe(), type="Warning")
 
     def source_changed(self, change: SourceChange) -> None:
         if change.new_problem is not None:
