@@ -11,6 +11,7 @@ unconfirmed write (T null: absent), so a restart that fails after such a crash c
 rolled back.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -76,6 +77,18 @@ class StateStore:
         finally:
             os.close(fd)
         return _decode(str(self.path), raw)
+
+    def exists(self) -> bool:
+        """Whether the state file is there (a pass that fails may have to remove it again)."""
+        try:
+            return (self._resolved_directory() / STATE_FILE).is_file()
+        except WriteFailed:
+            return False
+
+    def discard(self) -> None:
+        """Remove the state file (back to "nothing owned, nothing remembered")."""
+        with contextlib.suppress(FileNotFoundError):
+            (self._resolved_directory() / STATE_FILE).unlink()
 
     def save(self, state: AgentState) -> None:
         path = self._ensure_directory() / STATE_FILE

@@ -32,6 +32,7 @@ from node_agent.errors import (
     ConcurrentModification,
     RestartFailed,
     UnsupportedConfig,
+    WriteFailed,
     unexpected,
 )
 from node_agent.ownership import AgentState, LastGood, StateStore
@@ -246,17 +247,21 @@ class Reconciler:
             restart_pending=restart_needed or state.containerd_restart_pending,
             last_good=_last_good_while_writing(state, to_write, restart_needed=restart_needed),
         )
+        state_existed = self.state_store.exists()
         if during != state:
             self.state_store.save(during)
         # A killed run can leave a temp file beside a file that needs no write any more.
         for prepared in outcome.files:
             remove_stale_temps(prepared.snapshot.path)
         # Files that need no restart first: they are useful even if containerd then fails.
-        for prepared in sorted(to_write, key=lambda p: p.node_file.restarts_containerd):
-            replace_file(prepared.snapshot, _encode(prepared.new_text))
-            log.info(
-                "%s: wrote %s (%s)", prepared.name, prepared.snapshot.path, _describe(prepared.plan)
+        try:
+            self._write_all_or_nothing(
+                sorted(to_write, key=lambda p: p.node_file.restarts_containerd)
             )
+        except (WriteFailed, ConcurrentModification):
+            if during != state:  # the state goes back to what it was too
+                self._restore_state(state, existed=state_existed)
+            raise
         written = tuple(p.name for p in to_write)
         restart = self._restart_or_roll_back(to_write, during) if restart_needed else None
         if restart is not None and not restart.succeeded:
@@ -268,6 +273,31 @@ class Reconciler:
             self.state_store.save(final)
         owed = self._owed(outcome.files, state) if held_back else final.containerd_restart_pending
         return replace(outcome, written=written, restart=restart, restart_owed=owed)
+
+    def _write_all_or_nothing(self, to_write: Sequence[PreparedFile]) -> None:
+        """Write every file, or none: when one write fails, the files this pass already wrote
+        get their old content back, then the error goes on."""
+        done: list[PreparedFile] = []
+        try:
+            for prepared in to_write:
+                replace_file(prepared.snapshot, _encode(prepared.new_text))
+                done.append(prepared)
+                log.info(
+                    "%s: wrote %s (%s)",
+                    prepared.name,
+                    prepared.snapshot.path,
+                    _describe(prepared.plan),
+                )
+        except (WriteFailed, ConcurrentModification):
+            for prepared in reversed(done):
+                _put_back(prepared)
+            raise
+
+    def _restore_state(self, state: AgentState, *, existed: bool) -> None:
+        if existed:
+            self.state_store.save(state)
+        else:
+            self.state_store.discard()
 
     def _prepare(
         self, node_file: NodeFile, credentials: Credentials, state: AgentState, warnings: list[str]
@@ -286,7 +316,10 @@ class Reconciler:
         except Exception as error:
             doing = f"editing the {node_file.name} file {node_file.path}"
             raise unexpected(error, doing=doing) from None
-        return PreparedFile(node_file, snapshot, old_text, new_text, plan, len(desired))
+        prepared = PreparedFile(node_file, snapshot, old_text, new_text, plan, len(desired))
+        if prepared.needs_write:
+            _check_directory(snapshot.path.parent)
+        return prepared
 
     def _restart_or_roll_back(
         self, written: Sequence[PreparedFile], during: AgentState
@@ -335,6 +368,27 @@ def desired_entries(
         key, entry = result
         desired[key] = entry
     return desired
+
+
+def _check_directory(directory: Path) -> None:
+    """A file is written by a rename in its directory: it must be there, before anything is
+    written (a dry run, too, fails where the real run would)."""
+    if not directory.is_dir():
+        raise WriteFailed(f"{directory}: directory does not exist (wrong path or --host-root?)")
+
+
+def _put_back(prepared: PreparedFile) -> None:
+    """The file as this pass found it, in place of what the pass wrote (if that is still
+    what is there: someone else's newer write stays)."""
+    path = prepared.snapshot.path
+    current = read_snapshot(path, root=prepared.node_file.root)
+    if current.content != _encode(prepared.new_text):
+        return
+    if prepared.snapshot.content is None:
+        path.unlink(missing_ok=True)
+    else:
+        replace_file(current, prepared.snapshot.content)
+    log.warning("%s: put back as it was (a later write of this pass failed)", path)
 
 
 def _roll_back(last_good: LastGood, *, root: Path) -> None:

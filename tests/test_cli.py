@@ -236,3 +236,15 @@ def test_console_script_is_installed() -> None:
         [sys.executable, "-m", "node_agent", "check", "--help"], capture_output=True, check=False
     )
     assert module.returncode == 0
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["real run", "dry run"])
+def test_a_host_root_that_does_not_exist_fails_alike_in_a_dry_run_and_creates_nothing(
+    tmp_path: Path, dry_run: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    host = tmp_path / "no-such-dir"
+    assert run("reconcile", *node_flags(host, secret), *dry_run) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "directory does not exist" in err
+    assert not host.exists()

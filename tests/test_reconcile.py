@@ -2,6 +2,7 @@
 kept, and what happens when containerd does not come back or someone races us."""
 
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
-from node_agent.errors import InternalError, RestartFailed, UnsupportedConfig
+from node_agent.errors import InternalError, RestartFailed, UnsupportedConfig, WriteFailed
 from node_agent.ownership import AgentState, StateStore
 from node_agent.reconcile import NodeFile, Reconciler
 from node_agent.targets import Entry
@@ -438,3 +439,64 @@ def test_an_unexpected_failure_names_the_file_and_changes_nothing(
     assert "in render" in caplog.text  # where it happened, for the report
     assert node.config_toml.read_text() == CONTAINERD_CONFIG
     assert not node.state.path.exists()
+
+
+# All or nothing across the node files of a pass
+
+
+def block_temp_file(path: Path) -> None:
+    """Make the next write of `path` fail: its temp file's name is taken by a directory
+    (the agent's temp files are `.NAME.node-agent-PID.tmp`, beside the target)."""
+    (path.parent / f".{path.name}.node-agent-{os.getpid()}.tmp").mkdir()
+
+
+def unblock_temp_file(path: Path) -> None:
+    (path.parent / f".{path.name}.node-agent-{os.getpid()}.tmp").rmdir()
+
+
+@pytest.mark.parametrize("failing", ["kubelet", "containerd"])
+@pytest.mark.parametrize("state_before", ["absent", "present"])
+def test_a_write_that_fails_puts_back_every_file_of_the_pass_and_the_state(
+    node: Node, failing: str, state_before: str
+) -> None:
+    if state_before == "present":
+        node.reconciler().reconcile({"old.example": RegistryAuth("u", "old")})
+    files = {"kubelet": node.config_json, "containerd": node.config_toml}
+    before = {name: path.read_bytes() for name, path in files.items()}
+    state = node.state.path.read_bytes() if node.state.path.exists() else None
+    restarts = node.containerd.restarts
+    block_temp_file(files[failing])
+    with pytest.raises(WriteFailed, match="cannot create temp file"):
+        node.reconciler().reconcile(CREDENTIALS)
+    assert {name: path.read_bytes() for name, path in files.items()} == before
+    assert (node.state.path.read_bytes() if node.state.path.exists() else None) == state
+    assert node.containerd.restarts == restarts
+    unblock_temp_file(files[failing])
+    node.reconciler().reconcile(CREDENTIALS)  # once the fault is gone, the pass goes through
+    assert node.toml_auths()["reg.example:5000"]["password"] == "pw-1"
+
+
+@pytest.mark.parametrize("missing", ["containerd", "kubelet"])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["real run", "dry run"])
+def test_a_missing_directory_fails_before_anything_is_written(
+    tmp_path: Path, missing: str, dry_run: bool
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "kubelet").mkdir()
+    toml_path, json_path = tmp_path / "etc/config.toml", tmp_path / "kubelet/config.json"
+    toml_path.write_text(CONTAINERD_CONFIG)
+    json_path.write_text(KUBELET_CONFIG)
+    gone = toml_path if missing == "containerd" else json_path
+    gone.unlink()
+    gone.parent.rmdir()
+    node = Node(tmp_path, RecordingRestart())
+    files = [
+        NodeFile(ContainerdFormat(), toml_path, restarts_containerd=True),
+        NodeFile(KubeletFormat(), json_path),
+    ]
+    reconciler = Reconciler(files, node.state, node.containerd, dry_run=dry_run)
+    with pytest.raises(WriteFailed, match=f"{gone.parent}: directory does not exist"):
+        reconciler.reconcile(CREDENTIALS)
+    kept = json_path if missing == "containerd" else toml_path
+    assert kept.read_text() == (KUBELET_CONFIG if kept == json_path else CONTAINERD_CONFIG)
+    assert not (tmp_path / "state").exists()
