@@ -16,9 +16,14 @@ CONSTRAINTS ?= -c requirements.lock -c requirements-test.lock
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.lock requirements-test.lock
+# The agent and what it needs to run (make demo); the test tools come on top (make install).
+$(VENV)/.runtime: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade $(CONSTRAINTS) -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime requirements-test.lock
 	$(PY) -m pip install --quiet --upgrade $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
@@ -27,7 +32,7 @@ system-deps:
 	@if [ "$$(id -u)" = 0 ]; then bash .ci/install-system-deps.sh; \
 	else echo "not root: skipping Debian packages (integration tests will be skipped)"; fi
 
-demo: install
+demo: $(VENV)/.runtime
 	$(BIN)/node-agent demo --dir demo-node
 
 lint: install
@@ -48,7 +53,7 @@ test: install system-deps lint
 # The whole suite on the newest releases pyproject.toml allows, in a venv of its own, resolved
 # anew on every run: a breaking release fails this target, not main. Not part of CI.
 test-latest:
-	rm -f .venv-latest/.installed
+	rm -f .venv-latest/.installed .venv-latest/.runtime
 	$(MAKE) install VENV=.venv-latest CONSTRAINTS=
 	@echo "test-latest: versions that differ from the locks:"
 	@.venv-latest/bin/python -m pip freeze --exclude node-agent \

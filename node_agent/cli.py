@@ -4,6 +4,7 @@ Exit codes: 0 done / in sync, 1 error, 2 usage, 3 `check` found differences.
 """
 
 import argparse
+import functools
 import os
 import re
 import shlex
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from node_agent import commands
+from node_agent import __version__, commands
 from node_agent.demo import demo_command
 from node_agent.errors import NodeAgentError, unexpected
 from node_agent.escaping import printable
@@ -79,6 +80,19 @@ def parse_version(text: str) -> int:
     return int(text)
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default in its help, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if "%(default)" in help_text or default in (None, False, [], "", argparse.SUPPRESS):
+            return help_text
+        if action.option_strings and "default " not in help_text:
+            return f"{help_text} (default: %(default)s)"
+        return help_text
+
+
 class _EnvDefaults:
     """Adds flags whose default comes from `NODE_AGENT_<FLAG>` when that variable is set."""
 
@@ -124,7 +138,8 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         type=Path,
         default=[],
         metavar="PATH",
-        help="credentials source, repeatable, highest priority first",
+        help="credentials source, repeatable, highest priority first (`reconcile` and "
+        "`check` need one, or a --fallback-secret-file)",
     )
     flags.add(
         "--fallback-secret-file",
@@ -256,7 +271,12 @@ def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
         metavar="true|false",
         help="record Events on the Node (default: on when a --secret is given)",
     )
-    flags.parser.add_argument("--no-events", dest="events", action="store_false")
+    flags.parser.add_argument(
+        "--no-events",
+        dest="events",
+        action="store_false",
+        help="record no Events (the default without API sources)",
+    )
     flags.add("--once", action="store_true", help="one pass, then exit (for debugging)")
     _add_restart_flags(flags, environ)
 
@@ -313,20 +333,25 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         description="Reconcile registry pull credentials into containerd's config.toml and "
         "the kubelet's config.json.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    reconcile = commands.add_parser("reconcile", help="one reconcile pass")
+    parser.add_argument("--version", action="version", version=f"node-agent {__version__}")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every flag's help shows its default (from NODE_AGENT_* when that is set).
+    commands_with_defaults = functools.partial(
+        subcommands.add_parser, formatter_class=_DefaultsHelpFormatter
+    )
+    reconcile = commands_with_defaults("reconcile", help="one reconcile pass")
     _add_node_flags(_EnvDefaults(reconcile, environ))
     _EnvDefaults(reconcile, environ).add(
         "--dry-run", action="store_true", help="print a redacted diff; write and restart nothing"
     )
-    run = commands.add_parser(
+    run = commands_with_defaults(
         "run", help="the per-node daemon: follow the sources, keep the node files in sync"
     )
     _add_node_flags(_EnvDefaults(run, environ))
     _add_daemon_flags(_EnvDefaults(run, environ), environ)
-    check = commands.add_parser("check", help="exit 0 if in sync, 3 if not")
+    check = commands_with_defaults("check", help="exit 0 if in sync, 3 if not")
     _add_node_flags(_EnvDefaults(check, environ))
-    demo = commands.add_parser("demo", help="run on an embedded sample node tree (no root)")
+    demo = subcommands.add_parser("demo", help="run on an embedded sample node tree (no root)")
     demo.add_argument(
         "--dir",
         type=Path,

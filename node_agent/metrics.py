@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from node_agent import __version__
+
 TARGETS = ("containerd", "kubelet")
 RECONCILE_RESULTS = ("applied", "noop", "error")
 RESTART_RESULTS = ("success", "rolled_back", "failed")
@@ -26,6 +28,13 @@ class AgentMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         if process:
             ProcessCollector(registry=self.registry)  # RSS, CPU, open fds of the agent
+        self.build_info = Gauge(
+            "node_agent_build_info",
+            "Always 1; the agent's version in the label (which version runs on which node).",
+            ["version"],
+            registry=self.registry,
+        )
+        self.build_info.labels(version=__version__).set(1)
         self.reconcile_total = Counter(
             "node_agent_reconcile",
             "Reconcile passes by result: applied (a file changed), noop, error.",

@@ -248,3 +248,21 @@ def test_a_host_root_that_does_not_exist_fails_alike_in_a_dry_run_and_creates_no
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "directory does not exist" in err
     assert not host.exists()
+
+
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert run("--version") == 0
+    assert capsys.readouterr().out == f"node-agent {version('node-agent')}\n"
+
+
+@pytest.mark.parametrize("command", ["reconcile", "check", "run"])
+def test_help_shows_every_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(command, "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: systemd)" in text and "(default: /)" in text
+    assert "--secret-file" in text and "need one, or a --fallback" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    if command == "run":
+        assert "--no-events record no Events" in text

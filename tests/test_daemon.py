@@ -406,6 +406,7 @@ def test_a_hostile_secret_is_invalid_everywhere_and_shown_nowhere(
 
 
 METRIC_NAMES = {
+    "node_agent_build_info",
     "node_agent_reconcile_total",
     "node_agent_reconcile_duration_seconds_bucket",
     "node_agent_drift_repairs_total",

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType
 
+from node_agent import __version__
 from node_agent.daemon.daemon import ApiClient, Daemon, DaemonParts, StartupFailed
 from node_agent.daemon.reporting import EventSink, NoEvents
 from node_agent.daemon.worker import WorkerTiming
@@ -124,7 +125,11 @@ def _restart_slots_text(settings: DaemonSettings) -> str:
 
 def log_configuration(settings: DaemonSettings) -> None:
     configuration = effective_configuration(settings)
-    log.info("node-agent run: %s", " ".join(f"{k}={v}" for k, v in configuration.items()))
+    log.info(
+        "node-agent %s run: %s",
+        __version__,
+        " ".join(f"{k}={v}" for k, v in configuration.items()),
+    )
 
 
 def _listed(values: Iterable[str]) -> str:
