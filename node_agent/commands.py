@@ -7,7 +7,7 @@ from typing import TextIO
 from node_agent.containerd_versions import ConfigTomlAuth
 from node_agent.errors import RestartFailed
 from node_agent.exit_codes import EXIT_OK, EXIT_OUT_OF_SYNC
-from node_agent.preview import change_summary, redacted_diff
+from node_agent.preview import change_summary, empty_credentials_warning, redacted_diff
 from node_agent.reconcile import Outcome, Reconciler
 from node_agent.settings import Settings
 from node_agent.wiring import build_reconciler, containerd_support, load_sources
@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 def reconcile_command(settings: Settings, out: TextIO) -> int:
     """`node-agent reconcile`: one pass (or a redacted preview with --dry-run)."""
-    outcome = _reconciler(settings).reconcile(load_sources(settings))
-    _warn(outcome)
+    credentials = load_sources(settings)
+    outcome = _reconciler(settings).reconcile(credentials)
+    _warn(outcome, empty=not credentials)
     if outcome.dry_run:
         _print_preview(outcome, out)
         return EXIT_OK
@@ -30,8 +31,9 @@ def reconcile_command(settings: Settings, out: TextIO) -> int:
 
 def check_command(settings: Settings, out: TextIO) -> int:
     """`node-agent check`: 0 when every file matches the credentials, 3 when not."""
-    outcome = _reconciler(settings).inspect(load_sources(settings))
-    _warn(outcome)
+    credentials = load_sources(settings)
+    outcome = _reconciler(settings).inspect(credentials)
+    _warn(outcome, empty=not credentials)
     for prepared in outcome.files:
         for line in change_summary(prepared):
             print(f"out of sync: {line}", file=out)
@@ -69,6 +71,8 @@ def _print_result(outcome: Outcome, out: TextIO) -> None:
         print("containerd: restarted, CRI answering", file=out)
 
 
-def _warn(outcome: Outcome) -> None:
+def _warn(outcome: Outcome, *, empty: bool) -> None:
     for warning in outcome.warnings:
         log.warning(warning)
+    if empty and outcome.removed:
+        log.warning("%s", empty_credentials_warning(outcome.removed))

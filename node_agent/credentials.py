@@ -132,10 +132,28 @@ def _key_for_type(source: str, secret_type: object) -> str:
 
 
 def parse_docker_config(source: str, document: Mapping[str, Any]) -> Credentials:
-    """A bare docker config document: `{"auths": {...}}` or the legacy map without `auths`."""
+    """A bare docker config document: `{"auths": {...}}` or the legacy map without `auths`
+    (whose keys are registries: a misspelt `auths` would be read as a registry named so)."""
     if "auths" in document:
         return parse_dockerconfigjson(source, document)
+    _refuse_misspelt_auths(source, document)
     return parse_dockercfg(source, document)
+
+
+def _refuse_misspelt_auths(source: str, document: Mapping[str, Any]) -> None:
+    for key in document:
+        if isinstance(key, str) and _looks_like_auths(key):
+            raise InvalidCredentials(
+                source,
+                f'["{shown_key(key)}"]',
+                'not a registry: did you mean "auths" (a .dockerconfigjson document is '
+                '{"auths": {REGISTRY: ENTRY}})?',
+            )
+
+
+def _looks_like_auths(key: str) -> bool:
+    """`auth`, `Auths`, `auths:`, ` auths`...: no registry is named like that, a typo is."""
+    return key.strip().strip(":").lower() in {"auth", "auths", "authes", "auts", "auhts"}
 
 
 def parse_dockerconfigjson(source: str, document: Any) -> Credentials:
@@ -143,7 +161,9 @@ def parse_dockerconfigjson(source: str, document: Any) -> Credentials:
     if not isinstance(document, dict):
         raise InvalidCredentials(source, "document", "expected a JSON object")
     if "auths" not in document:
-        raise InvalidCredentials(source, "auths", "missing")
+        near = [key for key in document if isinstance(key, str) and _looks_like_auths(key)]
+        hint = f' (found "{shown_key(near[0])}": did you mean "auths"?)' if near else ""
+        raise InvalidCredentials(source, "auths", f"missing{hint}")
     return _parse_auth_map(source, "auths", document["auths"])
 
 

@@ -28,3 +28,11 @@ def change_summary(prepared: PreparedFile) -> list[str]:
     """One line per registry key the write changes, e.g. `containerd: update 127.0.0.1:5000`."""
     name = prepared.node_file.name
     return [f"{name}: {change.action} {change.key}" for change in prepared.plan.changes]
+
+
+def empty_credentials_warning(removed: int) -> str:
+    """What to say when credentials that name no registry take entries off the node."""
+    return (
+        f"the credentials name no registry: {removed} entries the agent manages are removed "
+        "from the node (an empty or wrongly filled Secret?)"
+    )

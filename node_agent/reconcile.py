@@ -171,6 +171,16 @@ class Outcome:
         }
 
     @property
+    def removed(self) -> int:
+        """Entries the pass takes out of the files (removed, or given back to their owner)."""
+        return sum(
+            1
+            for prepared in self.files
+            for change in prepared.plan.changes
+            if change.action in ("remove", "restore")
+        )
+
+    @property
     def restart_failed(self) -> bool:
         return self.restart is not None and not self.restart.succeeded
 

@@ -410,6 +410,20 @@ def test_a_hostile_secret_is_invalid_everywhere_and_shown_nowhere(
     assert all("\nnode-agent: forged" not in text for text in shown)
 
 
+def test_a_secret_emptied_removes_the_entries_with_a_warning_event(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    create_secret(kube_api, "good")
+    agent = start_agent()
+    agent.wait_for_passwords("good")
+    kube_api.update_secret(NS, NAME, {".dockerconfigjson": b'{"auths": {}}'})
+    agent.wait_for_passwords(None)
+    wait_until(lambda: agent.events("RegistryCredentialsEmpty"), what="the Empty event")
+    (event,) = agent.events("RegistryCredentialsEmpty")
+    assert event["type"] == "Warning"
+    assert "2 entries the agent manages are removed" in event["message"]
+
+
 METRIC_NAMES = {
     "node_agent_build_info",
     "node_agent_reconcile_total",

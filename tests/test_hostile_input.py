@@ -237,3 +237,41 @@ def test_redacting_twice_is_redacting_once(file_format: ContainerdFormat | Kubel
         assert tomllib.loads(once)["plugins"][CRI]["registry"]["headers"] == {
             "Authorization": ["***"]
         }
+
+
+# Secrets that are probably mistakes
+
+
+@pytest.mark.parametrize(
+    ("document", "said"),
+    [
+        (b'{"auth": {"reg.example": {"auth": "dTpw"}}}', '["auth"]: not a registry: did you mean'),
+        (b'{"Auths": {"reg.example": {"auth": "dTpw"}}}', '["Auths"]: not a registry: did you'),
+        (
+            b'{"kind": "Secret", "type": "kubernetes.io/dockerconfigjson", "stringData": '
+            b'{".dockerconfigjson": "{\\"auth\\": {}}"}}',
+            'auths: missing (found "auth": did you mean "auths"?)',
+        ),
+    ],
+    ids=["auth", "Auths", "a Secret's auth"],
+)
+def test_a_misspelt_auths_is_invalid_with_a_did_you_mean(document: bytes, said: str) -> None:
+    with pytest.raises(InvalidCredentials) as refused:
+        parse_document("s", document)
+    assert said in str(refused.value)
+
+
+@pytest.mark.parametrize("document", [{"auths": {}}, {}], ids=["empty auths", "empty document"])
+def test_credentials_that_name_no_registry_are_honoured_with_a_warning(
+    host: Path, tmp_path: Path, document: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert reconcile(host, tmp_path, {"reg.example": ENTRY}) == 0
+    capsys.readouterr()
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps(document))
+    flags = ["--secret-file", str(secret), "--host-root", str(host), "--reload", "none"]
+    assert main(["reconcile", *flags], environ={}) == 0
+    assert node_files(host)[0] == "version = 2\n"
+    assert "the credentials name no registry: 2 entries the agent manages are removed" in (
+        capsys.readouterr().err
+    )

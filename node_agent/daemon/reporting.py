@@ -18,6 +18,7 @@ from node_agent.daemon.worker import PassReport
 from node_agent.escaping import printable
 from node_agent.kube.errors import ErrorReason
 from node_agent.metrics import AgentMetrics
+from node_agent.preview import empty_credentials_warning
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ DRIFT_REPAIRED = "RegistryCredentialsDriftRepaired"
 INVALID = "RegistryCredentialsInvalid"
 ROLLED_BACK = "ContainerdRestartRolledBack"
 RECONCILE_FAILED = "RegistryCredentialsReconcileFailed"
+EMPTY = "RegistryCredentialsEmpty"
 #: What the node's containerd means for config.toml auth, when it is not plain writing.
 CONTAINERD_SUPPORT = {
     ConfigTomlAuth.WRITE_WITH_WARNING: "ContainerdTransferServiceOff",
@@ -147,6 +149,11 @@ class DaemonReporter:
             self._events.record(
                 RECONCILE_FAILED, reconcile_failed_message(report.error), type="Warning"
             )
+
+    def credentials_empty(self, removed: int) -> None:
+        message = empty_credentials_warning(removed)
+        log.warning("%s", message)
+        self._events.record(EMPTY, message, type="Warning")
 
     def containerd_found(self, support: ContainerdSupport) -> None:
         """Said once, at start: what this containerd means for config.toml auth."""

@@ -70,6 +70,10 @@ class Reporter(Protocol):
 
     def pass_done(self, report: PassReport) -> None: ...
 
+    def credentials_empty(self, removed: int) -> None:
+        """A pass with credentials that name no registry took `removed` entries off."""
+        ...
+
     def source_changed(self, change: SourceChange) -> None: ...
 
 
@@ -232,6 +236,8 @@ class Worker:
             return replace(report, restart=restart.result)
         if held_back and outcome.restart_owed:
             self._wait_for_restart()
+        if not credentials and outcome.removed:
+            self._reporter.credentials_empty(outcome.removed)
         report = self._succeeded(credentials, outcome, held_back=held_back)
         return replace(report, restart=None if restart is None else restart.result)
 
