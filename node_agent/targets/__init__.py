@@ -1,9 +1,9 @@
 """Node file formats. One module per format, each a pure implementation of `NodeFileFormat`.
 
 A format knows how to read the registry entries out of a file's text and how to render the
-text with some entries replaced or removed, changing nothing else. It never does I/O: the
-applier (`node_agent.apply`) reads and writes files, `node_agent.reconcile` decides what to
-change.
+text with some entries replaced or removed, changing nothing else. It never does I/O:
+`node_agent.reconcile` decides what to change, and reads and writes the files through
+`node_agent.atomic`.
 """
 
 import re
