@@ -19,7 +19,7 @@ from node_agent.errors import NodeAgentError, unexpected
 from node_agent.escaping import printable
 from node_agent.exit_codes import EXIT_ERROR, EXIT_USAGE
 from node_agent.kube.model import ObjectRef
-from node_agent.logs import configure_logging
+from node_agent.logs import configure_logging, fatal_json
 from node_agent.settings import (
     ON_SECRET_DELETE,
     RESTART_MODES,
@@ -495,7 +495,11 @@ def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         parser.error("at least one --secret-file or --fallback-secret-file is needed")
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     command = commands.reconcile_command if args.command == "reconcile" else commands.check_command
-    return _run(lambda: command(settings, sys.stdout), name=f"running {args.command}")
+    return _run(
+        lambda: command(settings, sys.stdout),
+        name=f"running {args.command}",
+        log_format=settings.log_format,
+    )
 
 
 def _run_daemon(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -507,16 +511,27 @@ def _run_daemon(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     # Imported here: `reconcile` and `check` need neither watchdog nor the daemon.
     from node_agent.daemon.run import run_daemon  # noqa: PLC0415
 
-    return _run(lambda: run_daemon(settings), name="running the daemon")
+    return _run(
+        lambda: run_daemon(settings), name="running the daemon", log_format=settings.node.log_format
+    )
 
 
-def _run(command: Any, *, name: str) -> int:
+def _run(command: Any, *, name: str, log_format: str = "text") -> int:
     try:
         code: int = command()
     except NodeAgentError as error:
-        print(f"node-agent: error: {printable(str(error))}", file=sys.stderr)
+        _fatal(printable(str(error)), log_format=log_format)
         return EXIT_ERROR
     except Exception as error:
-        print(f"node-agent: error: {unexpected(error, doing=name)}", file=sys.stderr)
+        _fatal(str(unexpected(error, doing=name)), log_format=log_format)
         return EXIT_ERROR
     return code
+
+
+def _fatal(message: str, *, log_format: str) -> None:
+    """The one line a failed command ends with: plain, or a JSON log record like the rest of
+    its output under `--log-format json`."""
+    if log_format == "json":
+        print(fatal_json(message), file=sys.stderr)
+    else:
+        print(f"node-agent: error: {message}", file=sys.stderr)

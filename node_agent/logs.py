@@ -38,6 +38,12 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(safe)
 
 
+def fatal_json(message: str) -> str:
+    """A command's final error as one JSON log record (logger `node_agent`, level error)."""
+    record = logging.LogRecord("node_agent", logging.ERROR, "", 0, "%s", (message,), None)
+    return JsonFormatter().format(record)
+
+
 def configure_logging(*, log_format: str, level: str) -> None:
     """Route the agent's logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)

@@ -266,3 +266,14 @@ def test_help_shows_every_default(command: str, capsys: pytest.CaptureFixture[st
     assert "(default: None)" not in text and "(default: False)" not in text
     if command == "run":
         assert "--no-events record no Events" in text
+
+
+def test_under_json_logs_the_fatal_error_is_a_json_record_too(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"auth": "not base64!"}})
+    assert run("reconcile", "--log-format", "json", *node_flags(host, secret)) == 1
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines]  # every line, the last one too
+    assert records[-1]["level"] == "error" and records[-1]["logger"] == "node_agent"
+    assert 'auths["reg.example"].auth: not valid base64' in records[-1]["message"]
