@@ -67,9 +67,12 @@ class Timed:
 
     @property
     def error(self) -> str:
-        lines = [line for line in self.stderr.splitlines() if line.startswith("node-agent: error")]
-        assert len(lines) == 1, self.stderr
-        return lines[0]
+        """The command's one fatal error: under --log-format json, the last record, at error
+        level from the `node_agent` logger."""
+        records = [json.loads(line) for line in self.stderr.splitlines()]
+        fatal = [r for r in records if r["logger"] == "node_agent" and r["level"] == "error"]
+        assert len(fatal) == 1 and records[-1] == fatal[0], self.stderr
+        return f"node-agent: error: {fatal[0]['message']}"
 
 
 class Agent:
