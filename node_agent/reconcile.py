@@ -144,9 +144,7 @@ class Outcome:
     def in_sync_by_target(self) -> dict[str, bool]:
         """Per file: does it hold the desired state (and, for containerd's, is containerd
         running it)?"""
-        containerd_behind = self.restart_owed or (
-            self.restart is not None and not self.restart.succeeded
-        )
+        containerd_behind = self.restart_owed or self.restart_failed
         return {
             prepared.name: (prepared.name in self.written or prepared.plan.in_sync)
             and not (prepared.node_file.restarts_containerd and containerd_behind)
