@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules. Append new fixtures; keep existing ones intact."""
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,14 @@ def cri_socket() -> Iterator[str]:
     """A fake CRI answering Version (tests/fake_cri.py), on a short socket path."""
     with fake_cri_socket() as socket_path:
         yield socket_path
+
+
+@pytest.fixture(autouse=True)
+def root_logger_restored() -> Iterator[None]:
+    """Commands run in-process point the root logger at the sys.stderr of their test; put the
+    handlers and level back, so a later test's threads never log into a closed capture."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
