@@ -81,7 +81,7 @@ def bench(config: Path, count: int, rounds: int, workdir: Path) -> dict[str, flo
 
     containerd = ContainerdFormat(memo=ParsedTexts())
     text = (workdir / f"node-{count}/config.toml").read_text()
-    wanted = desired_entries(containerd, credentials(count, "rotated"), [])
+    wanted = desired_entries(containerd, credentials(count, "rotated")).entries
     plan = plan_target(current=containerd.entries(text), desired=wanted, owned={})
     render = median_ms(lambda: containerd.render(text, plan.updates), rounds)
     return {"apply": apply, "noop": noop, "render": render, "lines": float(text.count("\n"))}

@@ -104,12 +104,14 @@ def read_snapshot(path: Path, *, root: Path = HOST_ROOT) -> FileSnapshot:
     )
 
 
-def replace_file(snapshot: FileSnapshot, data: bytes) -> None:
+def replace_file(snapshot: FileSnapshot, data: bytes, *, mode: int | None = None) -> None:
     """Atomically replace the file read as `snapshot` with `data`, keeping its owner and
-    mode (less group/other bits). Raises ConcurrentModification if the file changed since
-    `snapshot` was taken, WriteFailed on any I/O error (the old file is then intact)."""
+    mode (less group/other bits), or with `mode` when given. Raises ConcurrentModification
+    if the file changed since `snapshot` was taken, WriteFailed on any I/O error (the old
+    file is then intact)."""
     target = snapshot.path
-    mode = NEW_FILE_MODE if snapshot.mode is None else snapshot.mode & ~GROUP_OTHER_BITS
+    if mode is None:
+        mode = NEW_FILE_MODE if snapshot.mode is None else snapshot.mode & ~GROUP_OTHER_BITS
     temp = _write_temp(target, data, mode=mode, owner=_owner(snapshot))
     try:
         _check_unchanged(snapshot)

@@ -28,6 +28,7 @@ from node_agent.settings import (
     RestartCoordination,
     Settings,
 )
+from node_agent.targets.credential_provider.response import valid_cache_duration
 
 ENV_PREFIX = "NODE_AGENT_"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -57,6 +58,13 @@ def parse_targets(text: str) -> tuple[str, ...]:
             f"--targets takes a comma-separated subset of {','.join(TARGET_NAMES)}"
         )
     return names
+
+
+def parse_cache_duration(text: str) -> str:
+    """A duration the kubelet parses (Go syntax: 0s, 90s, 5m, 1h30m), kept as text."""
+    if not valid_cache_duration(text):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 0s, 30s, 5m, 1h)")
+    return text
 
 
 def parse_secret_ref(text: str) -> ObjectRef:
@@ -160,8 +168,29 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
     flags.add(
         "--targets",
         type=parse_targets,
-        default=TARGET_NAMES,
-        help="which node files to manage: containerd,kubelet",
+        default=defaults.targets,
+        help=f"which node files to manage, of {','.join(TARGET_NAMES)}",
+    )
+    flags.add(
+        "--credential-provider-bin-dir",
+        type=Path,
+        default=defaults.credential_provider_bin_dir,
+        metavar="DIR",
+        help="the kubelet's --image-credential-provider-bin-dir (target credential-provider)",
+    )
+    flags.add(
+        "--credential-provider-config",
+        type=Path,
+        default=defaults.credential_provider_config,
+        metavar="PATH",
+        help="the kubelet's --image-credential-provider-config (target credential-provider)",
+    )
+    flags.add(
+        "--credential-provider-cache-duration",
+        type=parse_cache_duration,
+        default=defaults.credential_provider_cache_duration,
+        metavar="DURATION",
+        help="how long the kubelet may cache the plugin's answer; 0s: ask on every pull",
     )
     flags.add(
         "--host-root",
@@ -369,6 +398,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         containerd_config=args.containerd_config,
         containerd_config_version=args.containerd_config_version,
         kubelet_config=args.kubelet_config,
+        credential_provider_bin_dir=args.credential_provider_bin_dir,
+        credential_provider_config=args.credential_provider_config,
+        credential_provider_cache_duration=args.credential_provider_cache_duration,
         targets=args.targets,
         host_root=args.host_root,
         state_dir=args.state_dir,

@@ -65,10 +65,19 @@ def _print_preview(outcome: Outcome, out: TextIO) -> None:
 def _print_result(outcome: Outcome, out: TextIO) -> None:
     for prepared in outcome.files:
         changes = [f"{change.action} {change.key}" for change in prepared.plan.changes]
-        summary = ", ".join(changes) if prepared.needs_write else "in sync"
+        summary = ", ".join(changes) or "rewritten" if prepared.needs_write else "in sync"
         print(f"{prepared.node_file.name}: {summary}", file=out)
     if outcome.restart is not None:
         print("containerd: restarted, CRI answering", file=out)
+    if outcome.kubelet_restart_needed:
+        log.warning("%s", KUBELET_RESTART_NEEDED)
+
+
+#: Said when the agent's entry in the kubelet's CredentialProviderConfig changed.
+KUBELET_RESTART_NEEDED = (
+    "the kubelet reads its CredentialProviderConfig only when it starts: restart the kubelet "
+    "on this node for images of the registries just added to get credentials from the plugin"
+)
 
 
 def _warn(outcome: Outcome, *, empty: bool) -> None:

@@ -90,6 +90,13 @@ class AgentMetrics:
             ["source"],
             registry=self.registry,
         )
+        self.kubelet_restart_needed = Gauge(
+            "node_agent_kubelet_restart_needed",
+            "1 once the agent changed its entry in the kubelet's CredentialProviderConfig "
+            "(the registries the plugin serves): the kubelet reads it only when it starts. "
+            "Stays 1 for the life of this agent process.",
+            registry=self.registry,
+        )
         self.restart_pending = Gauge(
             "node_agent_restart_pending",
             "1 while containerd's new config waits for a restart slot (a Lease "

@@ -27,7 +27,11 @@ def redacted_diff(prepared: PreparedFile) -> str:
 def change_summary(prepared: PreparedFile) -> list[str]:
     """One line per registry key the write changes, e.g. `containerd: update 127.0.0.1:5000`."""
     name = prepared.node_file.name
-    return [f"{name}: {change.action} {change.key}" for change in prepared.plan.changes]
+    lines = [f"{name}: {change.action} {change.key}" for change in prepared.plan.changes]
+    if not lines and prepared.needs_write:
+        # A file the agent writes whole, whose own settings changed (e.g. cacheDuration).
+        lines.append(f"{name}: rewrite {prepared.node_file.path}")
+    return lines
 
 
 def empty_credentials_warning(removed: int) -> str:

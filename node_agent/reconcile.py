@@ -37,7 +37,7 @@ from node_agent.errors import (
 )
 from node_agent.ownership import AgentState, LastGood, StateStore
 from node_agent.plan import Owned, TargetPlan, owned_while_writing, plan_target
-from node_agent.targets import Entry, FormatError, NodeFileFormat, Skip
+from node_agent.targets import Desired, FormatError, NodeFileFormat
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,19 @@ class ContainerdRestart(Protocol):
 
 @dataclass(frozen=True)
 class NodeFile:
-    """One file the agent manages: its format, where it is, and whether a change to it only
-    takes effect after a containerd restart."""
+    """One file the agent manages: its format, where it is, and when a change to it takes
+    effect (at once, after a containerd restart, or only when the kubelet next starts)."""
 
     format: NodeFileFormat
     path: Path
     restarts_containerd: bool = False
     root: Path = HOST_ROOT
     """The host root `path` is under: links are followed inside it."""
+    mode: int | None = None
+    """The file's mode, whatever it was; None: an existing file keeps its mode (less group
+    and other bits), a new one is 0600. Set for the plugin the kubelet executes."""
+    read_at_kubelet_start: bool = False
+    """The kubelet reads the file only when it starts: a change waits for its next start."""
 
     @property
     def name(self) -> str:
@@ -146,10 +151,18 @@ class Outcome:
         running it)?"""
         containerd_behind = self.restart_owed or self.restart_failed
         return {
-            prepared.name: (prepared.name in self.written or prepared.plan.in_sync)
+            prepared.name: (prepared.name in self.written or not prepared.needs_write)
             and not (prepared.node_file.restarts_containerd and containerd_behind)
             for prepared in self.files
         }
+
+    @property
+    def kubelet_restart_needed(self) -> bool:
+        """This pass changed a file the kubelet reads only when it starts."""
+        return any(
+            prepared.node_file.read_at_kubelet_start and prepared.name in self.written
+            for prepared in self.files
+        )
 
     @property
     def registries_by_target(self) -> dict[str, int]:
@@ -288,7 +301,9 @@ class Reconciler:
         done: list[PreparedFile] = []
         try:
             for prepared in to_write:
-                replace_file(prepared.snapshot, _encode(prepared.new_text))
+                replace_file(
+                    prepared.snapshot, _encode(prepared.new_text), mode=prepared.node_file.mode
+                )
                 done.append(prepared)
                 log.info(
                     "%s: wrote %s (%s)",
@@ -312,19 +327,20 @@ class Reconciler:
     ) -> PreparedFile:
         snapshot = read_snapshot(node_file.path, root=node_file.root)
         old_text = _decode(snapshot)
-        desired = desired_entries(node_file.format, credentials, warnings)
         try:
             current = node_file.format.entries(old_text)
+            desired = node_file.format.desired_entries(credentials, current)
+            warnings.extend(f"{node_file.name}: {skipped}" for skipped in desired.skipped)
             plan = plan_target(
-                current=current, desired=desired, owned=state.owned_in(node_file.name)
+                current=current, desired=desired.entries, owned=state.owned_in(node_file.name)
             )
-            new_text = node_file.format.render(old_text, plan.updates) if plan.updates else old_text
+            new_text = _rendered(node_file.format, old_text, plan)
         except FormatError as error:
             raise UnsupportedConfig(str(node_file.path), str(error)) from None
         except Exception as error:
             doing = f"editing the {node_file.name} file {node_file.path}"
             raise unexpected(error, doing=doing) from None
-        prepared = PreparedFile(node_file, snapshot, old_text, new_text, plan, len(desired))
+        prepared = PreparedFile(node_file, snapshot, old_text, new_text, plan, desired.registries)
         if prepared.needs_write:
             _check_directory(snapshot.path.parent)
         return prepared
@@ -362,20 +378,19 @@ class Reconciler:
         return RestartOutcome("rolled_back", error, last_attempt_at=second)
 
 
-def desired_entries(
-    file_format: NodeFileFormat, credentials: Credentials, warnings: list[str]
-) -> dict[str, Entry]:
-    """What `file_format` should hold for every credential, with a warning for each it
-    cannot use."""
-    desired: dict[str, Entry] = {}
-    for registry in sorted(credentials):
-        result = file_format.desired_entry(registry, credentials[registry])
-        if isinstance(result, Skip):
-            warnings.append(f"{file_format.name}: {registry}: skipped: {result.reason}")
-            continue
-        key, entry = result
-        desired[key] = entry
-    return desired
+def desired_entries(file_format: NodeFileFormat, credentials: Credentials) -> Desired:
+    """What `file_format` should hold for every credential, in a file that does not exist
+    yet (benchmarks and tests)."""
+    return file_format.desired_entries(credentials, {})
+
+
+def _rendered(file_format: NodeFileFormat, old_text: str | None, plan: TargetPlan) -> str | None:
+    """The file's text after the plan. An existing file is always rendered (a file the agent
+    writes whole brings its own settings up to date then); a missing one only when an entry
+    goes into it."""
+    if old_text is None and not plan.updates:
+        return None
+    return file_format.render(old_text, plan.updates)
 
 
 def _check_directory(directory: Path) -> None:

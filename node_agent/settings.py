@@ -6,7 +6,8 @@ from pathlib import Path
 
 from node_agent.kube.model import ObjectRef
 
-TARGET_NAMES = ("containerd", "kubelet")
+TARGET_NAMES = ("containerd", "kubelet", "credential-provider")
+DEFAULT_TARGETS = ("containerd", "kubelet")
 RESTART_MODES = ("none", "command", "systemd", "trigger")
 ON_SECRET_DELETE = ("remove", "keep")
 
@@ -31,7 +32,18 @@ class Settings:
     kubelet_config: Path = Path("/var/lib/kubelet/config.json")
     """The kubelet's docker config file on the node."""
 
-    targets: tuple[str, ...] = TARGET_NAMES
+    credential_provider_bin_dir: Path = Path("/etc/kubernetes/image-credential-provider")
+    """The kubelet's `--image-credential-provider-bin-dir`: where the plugin goes."""
+
+    credential_provider_config: Path = Path(
+        "/etc/kubernetes/image-credential-provider-config.yaml"
+    )
+    """The kubelet's `--image-credential-provider-config`: the agent keeps its entry there."""
+
+    credential_provider_cache_duration: str = "0s"
+    """How long the kubelet may keep the plugin's answer ("0s": never, ask on every pull)."""
+
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     """Which node files to manage."""
 
     host_root: Path = Path("/")

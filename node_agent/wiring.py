@@ -17,9 +17,19 @@ from node_agent.reconcile import ContainerdRestart, NodeFile, Reconciler
 from node_agent.secret_files import load_credentials
 from node_agent.settings import Settings
 from node_agent.targets.containerd import ContainerdFormat, ParsedTexts
+from node_agent.targets.credential_provider import (
+    PLUGIN_NAME,
+    RESPONSE_NAME,
+    PluginFormat,
+    ProviderConfigFormat,
+    ResponseFormat,
+)
 from node_agent.targets.kubelet import KubeletFormat
 
 log = logging.getLogger(__name__)
+
+#: The plugin's mode: the kubelet executes it; it holds no credential.
+_PLUGIN_MODE = 0o755
 
 #: Seconds to wait for containerd's CRI `Version` when deciding about config.toml: a node
 #: without containerd answering must not slow every command down.
@@ -41,19 +51,49 @@ class RestartContainerd:
 def node_files(settings: Settings) -> list[NodeFile]:
     """The node files `settings.targets` selects, as paths reachable from here."""
     available = {
-        "containerd": NodeFile(
-            ContainerdFormat(
-                new_file_version=settings.containerd_config_version, memo=ParsedTexts()
-            ),
-            settings.on_host(settings.containerd_config),
-            restarts_containerd=True,
+        "containerd": [
+            NodeFile(
+                ContainerdFormat(
+                    new_file_version=settings.containerd_config_version, memo=ParsedTexts()
+                ),
+                settings.on_host(settings.containerd_config),
+                restarts_containerd=True,
+                root=settings.host_root,
+            )
+        ],
+        "kubelet": [
+            NodeFile(
+                KubeletFormat(), settings.on_host(settings.kubelet_config), root=settings.host_root
+            )
+        ],
+        "credential-provider": credential_provider_files(settings),
+    }
+    return [node_file for name in settings.targets for node_file in available[name]]
+
+
+def credential_provider_files(settings: Settings) -> list[NodeFile]:
+    """The response first: the plugin answers with it, and the config names the plugin."""
+    cache_duration = settings.credential_provider_cache_duration
+    bin_dir = settings.on_host(settings.credential_provider_bin_dir)
+    return [
+        NodeFile(
+            ResponseFormat(cache_duration=cache_duration),
+            bin_dir / RESPONSE_NAME,
             root=settings.host_root,
         ),
-        "kubelet": NodeFile(
-            KubeletFormat(), settings.on_host(settings.kubelet_config), root=settings.host_root
+        NodeFile(
+            PluginFormat(),
+            bin_dir / PLUGIN_NAME,
+            root=settings.host_root,
+            mode=_PLUGIN_MODE,
         ),
-    }
-    return [available[name] for name in settings.targets]
+        NodeFile(
+            ProviderConfigFormat(cache_duration=cache_duration),
+            settings.on_host(settings.credential_provider_config),
+            root=settings.host_root,
+            read_at_kubelet_start=True,
+        ),
+    ]
 
 
 def containerd_restart(settings: Settings) -> ContainerdRestart | None:

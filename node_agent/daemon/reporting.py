@@ -30,11 +30,19 @@ INVALID = "RegistryCredentialsInvalid"
 ROLLED_BACK = "ContainerdRestartRolledBack"
 RECONCILE_FAILED = "RegistryCredentialsReconcileFailed"
 EMPTY = "RegistryCredentialsEmpty"
+KUBELET_RESTART_NEEDED = "KubeletRestartNeeded"
 #: What the node's containerd means for config.toml auth, when it is not plain writing.
 CONTAINERD_SUPPORT = {
     ConfigTomlAuth.WRITE_WITH_WARNING: "ContainerdTransferServiceOff",
     ConfigTomlAuth.LEAVE_ALONE: "ContainerdConfigTomlLeftAlone",
 }
+
+
+KUBELET_RESTART_NEEDED_MESSAGE = (
+    "changed the registries of the node-agent-credential-provider entry in the kubelet's "
+    "CredentialProviderConfig; the kubelet reads it only when it starts: restart the kubelet "
+    "on this node for images of the new registries to get credentials from the plugin"
+)
 
 
 class EventSink(Protocol):
@@ -142,6 +150,8 @@ class DaemonReporter:
         if report.restart is not None:
             metrics.containerd_restarts_total.labels(result=report.restart).inc()
         self._report_writes(report.writes)
+        if report.kubelet_restart_needed:
+            self._kubelet_restart_needed()
         if report.restart == "rolled_back":
             self._events.record(ROLLED_BACK, rolled_back_message(report.error), type="Warning")
         elif report.result == "error":
@@ -149,6 +159,12 @@ class DaemonReporter:
             self._events.record(
                 RECONCILE_FAILED, reconcile_failed_message(report.error), type="Warning"
             )
+
+    def _kubelet_restart_needed(self) -> None:
+        message = KUBELET_RESTART_NEEDED_MESSAGE
+        log.warning("%s", message)
+        self._metrics.kubelet_restart_needed.set(1)
+        self._events.record(KUBELET_RESTART_NEEDED, message, type="Warning")
 
     def credentials_empty(self, removed: int) -> None:
         message = empty_credentials_warning(removed)

@@ -63,6 +63,8 @@ class PassReport:
     fully_in_sync: bool = False
     restart: RestartResult | None = None
     error: str | None = None
+    kubelet_restart_needed: bool = False
+    """The pass changed a file the kubelet reads only when it starts."""
 
 
 class Reporter(Protocol):
@@ -280,6 +282,7 @@ class Worker:
             in_sync=in_sync,
             managed=outcome.registries_by_target,
             fully_in_sync=fully,
+            kubelet_restart_needed=outcome.kubelet_restart_needed,
         )
 
     def _dry_run_report(self, outcome: Outcome) -> PassReport:

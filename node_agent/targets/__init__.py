@@ -7,11 +7,11 @@ text with some entries replaced or removed, changing nothing else. It never does
 """
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from node_agent.credentials import RegistryAuth
+from node_agent.credentials import Credentials, RegistryAuth
 
 #: The fields of one registry entry exactly as the node file stores them
 #: (e.g. {"username": "u", "password": "p"} for containerd, {"auth": "dTpw"} for kubelet).
@@ -46,15 +46,46 @@ class Skip:
     reason: str
 
 
+@dataclass(frozen=True)
+class Desired:
+    """What one file should hold for a set of credentials."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+    """One warning per credential the file cannot use (`registry: skipped: reason`)."""
+    registries: int = 0
+    """How many registries the entries serve."""
+
+
+EntryFor = Callable[[str, RegistryAuth], "tuple[str, Entry] | Skip"]
+
+
+def per_registry(credentials: Credentials, entry_for: EntryFor) -> Desired:
+    """`Desired` for a file that holds one entry per registry, `entry_for(registry, auth)`."""
+    entries: dict[str, Entry] = {}
+    skipped: list[str] = []
+    for registry in sorted(credentials):
+        result = entry_for(registry, credentials[registry])
+        if isinstance(result, Skip):
+            skipped.append(f"{registry}: skipped: {result.reason}")
+            continue
+        key, entry = result
+        entries[key] = entry
+    return Desired(entries, tuple(skipped), registries=len(entries))
+
+
 class NodeFileFormat(Protocol):
     """What every node file format offers. All methods are pure and deterministic."""
 
-    #: Short name used in flags, metrics labels and messages: "containerd" or "kubelet".
+    #: Short name used in metrics labels, the state file and messages ("containerd",
+    #: "kubelet", "credential-provider-response", ...).
     name: str
 
-    def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
-        """The key and entry this file should hold for `registry` (normalised, see
-        `node_agent.credentials.normalise_registry`), or why it cannot hold one."""
+    def desired_entries(
+        self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
+    ) -> Desired:
+        """The entries this file should hold for `credentials` (registries normalised, see
+        `node_agent.credentials.normalise_registry`), given the `current` ones."""
         ...
 
     def entries(self, text: str | None) -> dict[str, dict[str, Any]]:
@@ -68,8 +99,10 @@ class NodeFileFormat(Protocol):
         """`text` with each key in `updates` set to its entry, or removed when None.
 
         Everything not named in `updates` is preserved (byte-for-byte where the format allows).
-        `render(text, {})` returns `text` unchanged. A None `text` means the file does not
-        exist yet: the result is a new, minimal, valid file. Raises FormatError.
+        `render(text, {})` returns `text` unchanged, except in a file the agent writes whole
+        (the credential provider's response and plugin), whose own settings it brings up to
+        date. A None `text` means the file does not exist yet: the result is a new, minimal,
+        valid file. Raises FormatError.
         """
         ...
 

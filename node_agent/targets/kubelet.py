@@ -12,9 +12,17 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from node_agent.credentials import DOCKER_HUB, RegistryAuth
+from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
 from node_agent.escaping import without_userinfo
-from node_agent.targets import REDACTED, Entry, FormatError, Skip, looks_secret
+from node_agent.targets import (
+    REDACTED,
+    Desired,
+    Entry,
+    FormatError,
+    Skip,
+    looks_secret,
+    per_registry,
+)
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 CREDENTIAL_FIELDS = frozenset({"auth", "username", "password", "identitytoken", "registrytoken"})
@@ -26,6 +34,11 @@ class KubeletFormat:
     """`NodeFileFormat` for /var/lib/kubelet/config.json."""
 
     name = "kubelet"
+
+    def desired_entries(
+        self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
+    ) -> Desired:
+        return per_registry(credentials, self.desired_entry)
 
     def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
         if not auth.has_basic_auth:

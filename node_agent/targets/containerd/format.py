@@ -40,8 +40,8 @@ from typing import Any, Final
 
 from tomlkit.exceptions import TOMLKitError
 
-from node_agent.credentials import DOCKER_HUB, RegistryAuth
-from node_agent.targets import Entry, FormatError, Skip, looks_secret
+from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
+from node_agent.targets import Desired, Entry, FormatError, Skip, looks_secret, per_registry
 from node_agent.targets.containerd.document import (
     _body,
     _is_value,
@@ -76,6 +76,7 @@ from node_agent.targets.containerd.rotation import (
 #: `docker.io` (docs/node-facts.md#containerd-auth-keys).
 DOCKER_HUB_HOST: Final = "registry-1.docker.io"
 
+
 class ContainerdFormat:
     """`NodeFileFormat` for containerd's config.toml (config versions 2 and 3)."""
 
@@ -90,6 +91,11 @@ class ContainerdFormat:
             raise ValueError("new_file_version must be 2 or 3")
         self.new_file_version = new_file_version
         self._memo = memo
+
+    def desired_entries(
+        self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
+    ) -> Desired:
+        return per_registry(credentials, self.desired_entry)
 
     def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
         if "*" in registry:
