@@ -5,11 +5,14 @@ import logging
 from typing import TextIO
 
 from node_agent.containerd_versions import ConfigTomlAuth
+from node_agent.credentials import Credentials
 from node_agent.errors import RestartFailed
 from node_agent.exit_codes import EXIT_OK, EXIT_OUT_OF_SYNC
+from node_agent.plugin_check import ask_plugin
 from node_agent.preview import change_summary, empty_credentials_warning, redacted_diff
-from node_agent.reconcile import Outcome, Reconciler
+from node_agent.reconcile import Outcome, PreparedFile, Reconciler
 from node_agent.settings import Settings
+from node_agent.targets.credential_provider import PluginFormat, ResponseFormat
 from node_agent.wiring import build_reconciler, containerd_support, load_sources
 
 log = logging.getLogger(__name__)
@@ -39,10 +42,31 @@ def check_command(settings: Settings, out: TextIO) -> int:
             print(f"out of sync: {line}", file=out)
     if outcome.restart_owed:
         print("out of sync: containerd: not restarted since config.toml changed", file=out)
-    if outcome.in_sync:
+    plugin_ok = _check_plugin(outcome, credentials, out)
+    if outcome.in_sync and plugin_ok:
         print("in sync", file=out)
         return EXIT_OK
     return EXIT_OUT_OF_SYNC
+
+
+def _check_plugin(outcome: Outcome, credentials: Credentials, out: TextIO) -> bool:
+    """Run the credential provider's plugin as the kubelet would, if it is a target here
+    and installed; whether it answered with the response the credentials make."""
+    plugin = _file_of(outcome, PluginFormat)
+    response = _file_of(outcome, ResponseFormat)
+    if plugin is None or response is None or not plugin.snapshot.exists:
+        return True  # not a target here, or not installed yet (listed above)
+    expected = response.node_file.format.desired_entries(credentials, {}).entries
+    answer = ask_plugin(plugin.snapshot.path, expected)
+    for problem in answer.problems:
+        print(f"out of sync: {plugin.name}: asked for {answer.image}: {problem}", file=out)
+    if answer.ok:
+        print(f"{plugin.name}: answers as the kubelet asks ({len(expected)} registries)", file=out)
+    return answer.ok
+
+
+def _file_of(outcome: Outcome, format_type: type) -> PreparedFile | None:
+    return next((p for p in outcome.files if isinstance(p.node_file.format, format_type)), None)
 
 
 def _reconciler(settings: Settings) -> Reconciler:
