@@ -193,6 +193,13 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         help="how long the kubelet may cache the plugin's answer; 0s: ask on every pull",
     )
     flags.add(
+        "--credential-provider-match-images",
+        choices=("registries", "all"),
+        default=defaults.credential_provider_match_images,
+        help="the images the kubelet asks the plugin about: those of the credentials' "
+        "registries (a new registry waits for a kubelet restart), or all (it never does)",
+    )
+    flags.add(
         "--host-root",
         type=Path,
         default=defaults.host_root,
@@ -401,6 +408,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         credential_provider_bin_dir=args.credential_provider_bin_dir,
         credential_provider_config=args.credential_provider_config,
         credential_provider_cache_duration=args.credential_provider_cache_duration,
+        credential_provider_match_images=args.credential_provider_match_images,
         targets=args.targets,
         host_root=args.host_root,
         state_dir=args.state_dir,

@@ -35,12 +35,15 @@ class Settings:
     credential_provider_bin_dir: Path = Path("/etc/kubernetes/image-credential-provider")
     """The kubelet's `--image-credential-provider-bin-dir`: where the plugin goes."""
 
-    credential_provider_config: Path = Path(
-        "/etc/kubernetes/image-credential-provider-config.yaml"
-    )
-    """The kubelet's `--image-credential-provider-config`: the agent keeps its entry there."""
+    credential_provider_config: Path = Path("/etc/kubernetes/image-credential-provider/config.yaml")
+    """The kubelet's `--image-credential-provider-config`: the agent keeps its entry there.
+    Beside the plugin by default (as EKS has it), so one directory holds all three files."""
 
     credential_provider_cache_duration: str = "0s"
+
+    credential_provider_match_images: str = "registries"
+    """The provider's `matchImages`: the credentials' registries, or all images ("all": the
+    kubelet's config then never changes when a registry is added)."""
     """How long the kubelet may keep the plugin's answer ("0s": never, ask on every pull)."""
 
     targets: tuple[str, ...] = DEFAULT_TARGETS

@@ -88,7 +88,10 @@ def credential_provider_files(settings: Settings) -> list[NodeFile]:
             mode=_PLUGIN_MODE,
         ),
         NodeFile(
-            ProviderConfigFormat(cache_duration=cache_duration),
+            ProviderConfigFormat(
+                cache_duration=cache_duration,
+                match_all=settings.credential_provider_match_images == "all",
+            ),
             settings.on_host(settings.credential_provider_config),
             root=settings.host_root,
             read_at_kubelet_start=True,

@@ -264,3 +264,26 @@ def test_other_providers_args_and_env_values_never_show_in_a_diff() -> None:
     redacted = ProviderConfigFormat().redact(EKS_CONFIG)
     assert "node-profile" not in redacted and "get-credentials" not in redacted
     assert "AWS_PROFILE" in redacted and "ecr-credential-provider" in redacted
+
+
+def test_matching_all_images_covers_hosts_by_label_count_and_names_port_registries() -> None:
+    config = ProviderConfigFormat(match_all=True)
+    entry = config.desired_entries(CREDENTIALS, {}).entries[PLUGIN_NAME]
+    assert entry["matchImages"] == [
+        "*",
+        "*.*",
+        "*.*.*",
+        "*.*.*.*",
+        "*.*.*.*.*",
+        "*.*.*.*.*.*",
+        "mirror.example:5000",
+    ]
+    assert config_errors(fresh(config)) == []
+
+
+def test_matching_all_images_the_entry_does_not_change_when_a_portless_registry_comes() -> None:
+    config = ProviderConfigFormat(match_all=True)
+    before = config.desired_entries({}, {}).entries
+    after = config.desired_entries({"new.example.org": RegistryAuth("u", "p")}, {}).entries
+    assert before == after
+    assert config.desired_entries({}, {}).registries == 0

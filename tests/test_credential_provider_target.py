@@ -14,7 +14,7 @@ from node_agent.targets.credential_provider import PLUGIN_NAME, PLUGIN_SCRIPT, R
 
 PASSWORD = "Pa55-w0rd-never-printed"
 BIN_DIR = "etc/kubernetes/image-credential-provider"
-CONFIG = "etc/kubernetes/image-credential-provider-config.yaml"
+CONFIG = f"{BIN_DIR}/config.yaml"
 ECR_CONFIG = """\
 apiVersion: kubelet.config.k8s.io/v1
 kind: CredentialProviderConfig
@@ -176,6 +176,7 @@ def test_without_the_kubelet_plugin_directory_nothing_is_written(
     assert run("reconcile", host, secret(tmp_path)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "image-credential-provider: directory does not exist" in err
+    assert "(wrong path or --host-root?)" in err
     assert [p for p in host.rglob("*") if p.is_file()] == []
 
 
@@ -209,4 +210,3 @@ def test_the_default_targets_leave_the_credential_provider_alone(
     flags = ["--secret-file", str(secret(tmp_path)), "--host-root", str(host), "--reload", "none"]
     assert main(["reconcile", *flags], environ={}) == 0
     assert os.listdir(host / BIN_DIR) == []
-    assert not (host / CONFIG).exists()

@@ -2,6 +2,7 @@
 next answer, and nothing is restarted; a new registry says the kubelet must restart."""
 
 import json
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from kubeapi import KubeApiServer
 from support.kubelet_credential_provider import config_errors, request, response_errors, run_plugin
 from support.waiting import wait_until
 
-from node_agent.targets.credential_provider import PLUGIN_NAME
+from node_agent.targets.credential_provider import PLUGIN_NAME, RESPONSE_NAME
 
 V1 = "credentialprovider.kubelet.k8s.io/v1"
 
@@ -118,3 +119,23 @@ def test_a_new_registry_changes_the_provider_entry_and_says_the_kubelet_must_res
     config = agent.node.root / "provider-config.yaml"
     wait_until(lambda: '"new.example"' in config.read_text(), timeout=5)
     assert plugin_password(agent) == "pw"
+
+
+def test_a_tampered_response_and_a_deleted_plugin_are_put_back(
+    kube_api: KubeApiServer, agent: Agent
+) -> None:
+    create_secret(kube_api, "pw-kept")
+    wait_until(lambda: plugin_password(agent) == "pw-kept", timeout=5)
+    bin_dir = agent.node.root / "bin"
+    response = bin_dir / RESPONSE_NAME
+    response.write_text(response.read_text().replace("pw-kept", "pw-planted"))
+    wait_until(lambda: plugin_password(agent) == "pw-kept", timeout=5, what="response repaired")
+    (bin_dir / PLUGIN_NAME).unlink()
+    wait_until(lambda: plugin_password(agent) == "pw-kept", timeout=5, what="plugin back")
+    assert stat.S_IMODE((bin_dir / PLUGIN_NAME).stat().st_mode) == 0o755
+    repaired = "node_agent_drift_repairs_total"
+    wait_until(
+        lambda: agent.metric(repaired, target="credential-provider-response") == 1
+        and agent.metric(repaired, target="credential-provider-plugin") == 1,
+        timeout=5,
+    )

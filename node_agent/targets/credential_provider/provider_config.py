@@ -27,6 +27,10 @@ CONFIG_API_VERSIONS: Final = (
     "kubelet.config.k8s.io/v1alpha1",
 )
 PROVIDER_API_VERSION: Final = "credentialprovider.kubelet.k8s.io/v1"
+#: `matchImages` that match every image of a host of one to six labels, without a port: with
+#: them the provider entry, so the file, never changes when a registry is added (a `*` is a
+#: whole label, and a pattern matches only hosts of as many labels).
+MATCH_ALL: Final = tuple(".".join(["*"] * labels) for labels in range(1, 7))
 
 _NEW_FILE: Final = f"""\
 # The kubelet's image credential providers (--image-credential-provider-config), read
@@ -44,13 +48,19 @@ class ProviderConfigFormat:
 
     name = "credential-provider-config"
 
-    def __init__(self, *, cache_duration: str = "0s") -> None:
+    def __init__(self, *, cache_duration: str = "0s", match_all: bool = False) -> None:
+        """`match_all`: the provider matches every image (`MATCH_ALL`, and the registries it
+        does not cover), not only the registries of the credentials."""
         self.cache_duration = cache_duration
+        self.match_all = match_all
 
     def desired_entries(
         self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
     ) -> Desired:
-        patterns = sorted(key for key, auth in credentials.items() if auth.has_basic_auth)
+        served = sorted(key for key, auth in credentials.items() if auth.has_basic_auth)
+        patterns = served
+        if self.match_all:
+            patterns = [*MATCH_ALL, *(key for key in served if not _matched_by_all(key))]
         if not patterns:
             kept = current.get(PLUGIN_NAME)
             return Desired({PLUGIN_NAME: kept} if kept is not None else {})
@@ -60,7 +70,7 @@ class ProviderConfigFormat:
             "defaultCacheDuration": self.cache_duration,
             "apiVersion": PROVIDER_API_VERSION,
         }
-        return Desired({PLUGIN_NAME: entry}, registries=len(patterns))
+        return Desired({PLUGIN_NAME: entry}, registries=len(served))
 
     def entries(self, text: str | None) -> dict[str, dict[str, Any]]:
         if text is None:
@@ -93,6 +103,10 @@ class ProviderConfigFormat:
                     variable["value"] = REDACTED
         dumped: str = yaml.safe_dump(document, sort_keys=False)
         return dumped
+
+
+def _matched_by_all(registry: str) -> bool:
+    return ":" not in registry and registry.count(".") < len(MATCH_ALL)
 
 
 def _load(text: str) -> dict[str, Any]:
