@@ -19,9 +19,10 @@ EVICTION_WINDOW_SECONDS = 60.0
 PULL_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff"})
 """The waiting reasons of a container whose image pull failed."""
 
-RestartState = Literal["healthy", "not_needed", "failed"]
+RestartState = Literal["healthy", "not_needed", "owed", "failed"]
 """For a target whose file is read only when its consumer starts (containerd): restarted and
-healthy; no restart owed (`--reload none`); the restart failed or was rolled back."""
+healthy; no restart owed (`--reload none`); a restart owed and not made yet; the restart
+failed or was rolled back."""
 
 
 @dataclass(frozen=True)
