@@ -6,6 +6,7 @@ asked about."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -205,8 +206,12 @@ def pod_requests(kube_api: KubeApiServer) -> list[str]:
 
 @pytest.mark.parametrize("restart", [False, True], ids=["reload none", "containerd restarted"])
 def test_a_pod_that_failed_to_pull_before_the_secret_was_fixed_is_evicted_within_seconds(
-    kube_api: KubeApiServer, start_agent: StartAgent, restart: bool
+    kube_api: KubeApiServer,
+    start_agent: StartAgent,
+    restart: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent.stuck_pods")
     kube_api.create_pod("team", "app-1", node=NODE_NAME, image=IMAGE, waiting="ErrImagePull")
     kube_api.create_pod("team", "solo", node=NODE_NAME, image=IMAGE, controller=None)
     kube_api.create_pod("team", "elsewhere", node="node-2", image=IMAGE)
@@ -225,6 +230,9 @@ def test_a_pod_that_failed_to_pull_before_the_secret_was_fixed_is_evicted_within
     assert agent.metric("node_agent_stuck_pods_recovered_total", result="skipped_unowned") == 1
     assert {p["metadata"]["name"] for p in kube_api.pods()} == {"solo", "elsewhere"}
     assert "Pa55" not in str(kube_api.events())
+    (evicted,) = [r.getMessage() for r in caplog.records if "evicted team/app-1" in r.getMessage()]
+    assert REGISTRY in evicted and IMAGE in evicted and "effective on this node now" in evicted
+    assert "Pa55" not in caplog.text
 
 
 def test_with_the_flag_off_the_daemon_makes_no_pod_request_at_all(

@@ -5,7 +5,7 @@ others get, and the bounds (once per pod, a rate per minute, retries after a 429
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -89,28 +89,40 @@ class Recovery:
         ]
 
 
-def make_recovery(kube_api: KubeApiServer, *, rate: int = 10) -> Iterator[Recovery]:
-    assert kube_api.kubeconfig_path is not None
-    api = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path, environ={})
-    clock = ManualClock()
-    metrics = AgentMetrics(CollectorRegistry(), process=False)
-    metrics.add_stuck_pod_recovery()
-    recovery = StuckPodRecovery(
-        api=api,
-        node=NODE,
-        rate_per_minute=rate,
-        metrics=metrics,
-        timing=TIMING,
-        clock=clock,
-        rng=random.Random(7),
-    )
-    yield Recovery(recovery, kube_api, clock, metrics)
-    api.close()
+MakeRecovery = Callable[..., Recovery]
 
 
 @pytest.fixture
-def recovery(kube_api: KubeApiServer) -> Iterator[Recovery]:
-    yield from make_recovery(kube_api)
+def make_recovery(kube_api: KubeApiServer) -> Iterator[MakeRecovery]:
+    """Makes a recovery for NODE through the real client, on a clock of its own."""
+    clients: list[KubeApi] = []
+
+    def make(*, rate: int = 10) -> Recovery:
+        assert kube_api.kubeconfig_path is not None
+        api = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path, environ={})
+        clients.append(api)
+        clock = ManualClock()
+        metrics = AgentMetrics(CollectorRegistry(), process=False)
+        metrics.add_stuck_pod_recovery()
+        recovery = StuckPodRecovery(
+            api=api,
+            node=NODE,
+            rate_per_minute=rate,
+            metrics=metrics,
+            timing=TIMING,
+            clock=clock,
+            rng=random.Random(7),
+        )
+        return Recovery(recovery, kube_api, clock, metrics)
+
+    yield make
+    for api in clients:
+        api.close()
+
+
+@pytest.fixture
+def recovery(make_recovery: MakeRecovery) -> Recovery:
+    return make_recovery()
 
 
 def stuck(kube_api: KubeApiServer, name: str, **options: object) -> str:
@@ -267,11 +279,11 @@ def test_a_failed_pod_list_is_retried(kube_api: KubeApiServer, recovery: Recover
 
 
 def test_at_most_the_rate_of_evictions_per_minute_with_a_hundred_stuck_pods(
-    kube_api: KubeApiServer,
+    kube_api: KubeApiServer, make_recovery: MakeRecovery
 ) -> None:
     for index in range(100):
         stuck(kube_api, f"app-{index:03}")
-    (subject,) = make_recovery(kube_api, rate=10)
+    subject = make_recovery(rate=10)
     subject.applied(restart="healthy")
     evicted_at: list[float] = []
     for _ in range(50):
