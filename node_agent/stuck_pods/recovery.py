@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from node_agent.backoff import Backoff
 from node_agent.errors import unexpected
@@ -49,6 +50,11 @@ CREDENTIALS_ON_NODE = "ImagePullCredentialsOnNode"
 """Warning Event on a stuck pod without a controller: delete it to retry now."""
 FAILED_AGAIN = "ImagePullFailedAfterRecovery"
 """Warning Event on a replacement whose pull failed again: left to kubelet."""
+
+
+WorkLeft = Literal["budget", "retry"]
+"""Why a registry's window stays open after a round: evictions wait for the budget, or must
+be asked for again (a 429, a failed call)."""
 
 
 @dataclass(frozen=True)
@@ -229,9 +235,9 @@ class StuckPodRecovery:
         waiting = self._act_on(chosen)
         return self._after_round(now, waiting)
 
-    def _act_on(self, chosen: Sequence[Recovery]) -> dict[str, str]:
+    def _act_on(self, chosen: Sequence[Recovery]) -> dict[str, WorkLeft]:
         """Evict, tell or report each; the registries with work left, and why."""
-        waiting: dict[str, str] = {}
+        waiting: dict[str, WorkLeft] = {}
         for recovery in chosen:
             if recovery.action == "tell":
                 self._tell(recovery)
@@ -243,7 +249,9 @@ class StuckPodRecovery:
                 waiting[recovery.registry] = "retry"
         return waiting
 
-    def _after_round(self, now: float, waiting: dict[str, str]) -> float | None:
+    def _after_round(self, now: float, waiting: dict[str, WorkLeft]) -> float | None:
+        """Close the windows with nothing left to do (after their follow-up round); when the
+        next round is due."""
         next_times: list[float] = []
         if "retry" in waiting.values():
             next_times.append(now + self._backoff.next_delay())
@@ -280,7 +288,7 @@ class StuckPodRecovery:
 
     def _evict(self, recovery: Recovery) -> bool:
         """Ask for the eviction; False when it must be asked for again later."""
-        pod, registry = recovery.pod, recovery.registry
+        pod = recovery.pod
         self._attempts.append(self._clock())
         try:
             self._api.evict_pod(
@@ -297,12 +305,18 @@ class StuckPodRecovery:
         except ApiError as error:
             log.warning("stuck pods: could not evict %s: %s; retrying", pod, error)
             return False
+        self._evicted_now(recovery)
+        return True
+
+    def _evicted_now(self, recovery: Recovery) -> None:
+        pod, registry = recovery.pod, recovery.registry
+        window = self._windows[registry]
+        window.evicted = True
         self._evicted.add(pod.uid)
         if pod.controller_uid is not None:
             self._recovered.add((pod.controller_uid, registry))
-        self._windows[registry].evicted = True
         self._metrics.stuck_pods_recovered_total.labels(result="evicted").inc()
-        why = self._windows[registry].effective.why
+        why = window.effective.why
         log.info(
             "stuck pods: evicted %s (%s, %s) stuck pulling from %s: its credentials are "
             "effective on this node now (%s)",
@@ -320,7 +334,6 @@ class StuckPodRecovery:
             "starts at once instead of after kubelet's back-off",
             "Normal",
         )
-        return True
 
     def _tell(self, recovery: Recovery) -> None:
         pod, registry = recovery.pod, recovery.registry
