@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from node_agent.daemon.outcomes import applied_changes
 from node_agent.errors import RestartFailed
 from node_agent.ownership import StateStore
 from node_agent.reconcile import NodeFile, Reconciler
-from node_agent.settings import DaemonSettings
+from node_agent.settings import TARGET_NAMES, DaemonSettings
 from node_agent.stuck_pods.recovery import CREDENTIALS_ON_NODE, RECOVERED
 from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
@@ -182,11 +183,17 @@ def start_agent(
     script.write_text(RESTART_SCRIPT)
     script.chmod(0o755)
 
-    def start(*, recover: bool, restart: bool = False) -> Agent:
+    def start(
+        *, recover: bool, restart: bool = False, targets: tuple[str, ...] = TARGET_NAMES
+    ) -> Agent:
         settings = agent_settings(
             node, kube_api, cri_socket=cri_socket, restart_script=script if restart else None
         )
-        settings = dataclasses.replace(settings, recover_stuck_pods=recover)
+        settings = dataclasses.replace(
+            settings,
+            node=dataclasses.replace(settings.node, targets=targets),
+            recover_stuck_pods=recover,
+        )
         agent = Agent(start_daemon(settings), node, kube_api)
         running.append(agent)
         return agent
@@ -233,6 +240,19 @@ def test_a_pod_that_failed_to_pull_before_the_secret_was_fixed_is_evicted_within
     (evicted,) = [r.getMessage() for r in caplog.records if "evicted team/app-1" in r.getMessage()]
     assert REGISTRY in evicted and IMAGE in evicted and "effective on this node now" in evicted
     assert "Pa55" not in caplog.text
+
+
+def test_with_only_config_json_managed_the_daemon_waits_for_kubelets_cache(
+    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+) -> None:
+    kube_api.create_pod("team", "app-1", node=NODE_NAME, image=IMAGE)
+    agent = start_agent(recover=True, targets=("kubelet",))
+    create_secret(kube_api, "Pa55-fixed")
+    wait_until(lambda: node.kubelet_password() == "Pa55-fixed", what="config.json written")
+    agent.wait_idle()
+    time.sleep(0.5)  # a recovery acting at once would have listed the pods by now
+    assert pod_requests(kube_api) == []
+    assert kube_api.evictions() == []
 
 
 def test_with_the_flag_off_the_daemon_makes_no_pod_request_at_all(
