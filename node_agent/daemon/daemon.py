@@ -3,8 +3,10 @@ and the signals that end it all.
 
 Threads: one `SecretWatcher` per API source and watchdog's observer only *request* passes;
 the worker runs them; the status server answers scrapes and probes; the Event recorder
-delivers Events. SIGTERM/SIGINT close the queue (the pass in progress, with its write,
-finishes), stop the watches and the server, and the process exits 0.
+delivers Events; with --recover-stuck-pods, the worker hands each pass's `Outcome` to the
+stuck-pod recovery thread, which lists and evicts pods on its own time. SIGTERM/SIGINT close
+the queue (the pass in progress, with its write, finishes), stop the watches and the server,
+and the process exits 0.
 
 The `kubernetes` package is imported only when the API is used (API sources or Events): it
 costs ~0.6 s and ~68 MB, which a file-only agent does not need to pay.
