@@ -33,6 +33,7 @@ from node_agent.targets.credential_provider.response import valid_cache_duration
 ENV_PREFIX = "NODE_AGENT_"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _MAX_RESTART_CONCURRENCY = 1000
+_MAX_RECOVERY_RATE = 1000
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _TRUE = {"1", "true", "yes", "on"}
@@ -315,6 +316,24 @@ def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
     )
     flags.add("--once", action="store_true", help="one pass, then exit (for debugging)")
     _add_restart_flags(flags, environ)
+    _add_stuck_pod_flags(flags)
+
+
+def _add_stuck_pod_flags(flags: _EnvDefaults) -> None:
+    flags.add(
+        "--recover-stuck-pods",
+        action="store_true",
+        help="once a registry's credentials are effective on this node, evict this node's "
+        "pods stuck pulling from it (with a controller; the others get an Event); needs "
+        "--secret and --node-name, and daemonset/stuck-pod-recovery's RBAC",
+    )
+    flags.add(
+        "--recover-stuck-pods-rate",
+        type=parse_rate,
+        default=DaemonSettings().recover_stuck_pods_rate,
+        metavar="N",
+        help="at most N evictions a minute on this node (default 10)",
+    )
 
 
 def _add_restart_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
@@ -349,6 +368,15 @@ def parse_count(text: str) -> int:
     if not text.strip().isdigit() or int(text) > _MAX_RESTART_CONCURRENCY:
         raise argparse.ArgumentTypeError(
             f"--restart-concurrency takes a whole number from 0 to {_MAX_RESTART_CONCURRENCY}: "
+            f"{text!r}"
+        )
+    return int(text)
+
+
+def parse_rate(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= _MAX_RECOVERY_RATE:
+        raise argparse.ArgumentTypeError(
+            f"--recover-stuck-pods-rate takes a whole number from 1 to {_MAX_RECOVERY_RATE}: "
             f"{text!r}"
         )
     return int(text)
@@ -468,10 +496,23 @@ def daemon_settings_from(args: argparse.Namespace) -> DaemonSettings:
         events=events,
         once=args.once,
         restarts=_restart_coordination(args),
+        recover_stuck_pods=args.recover_stuck_pods,
+        recover_stuck_pods_rate=args.recover_stuck_pods_rate,
     )
     if settings.coordinates_restarts:
         _check_restart_coordination(settings)
+    if settings.recover_stuck_pods:
+        _check_stuck_pod_recovery(settings)
     return settings
+
+
+def _check_stuck_pod_recovery(settings: DaemonSettings) -> None:
+    if not (settings.secrets or settings.fallback_secrets):
+        raise ValueError("--recover-stuck-pods needs an API source: --secret or --fallback-secret")
+    if not settings.node_name:
+        raise ValueError("--recover-stuck-pods needs this node's name: --node-name (or NODE_NAME)")
+    if settings.once:
+        raise ValueError("--recover-stuck-pods needs the running daemon, not --once")
 
 
 def _restart_coordination(args: argparse.Namespace) -> RestartCoordination:

@@ -16,6 +16,7 @@ TARGETS = ("containerd", "kubelet")
 RECONCILE_RESULTS = ("applied", "noop", "error")
 RESTART_RESULTS = ("success", "rolled_back", "failed")
 SOURCE_ERROR_REASONS = ("invalid", "forbidden", "unreachable", "conflict")
+STUCK_POD_RESULTS = ("evicted", "refused", "skipped_unowned")
 
 # Reconciles are milliseconds unless containerd restarts (seconds): buckets cover both.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -103,6 +104,15 @@ class AgentMetrics:
             "node-agent-restart-<i>), else 0. config.json is already updated then.",
             registry=self.registry,
         )
+        self.stuck_pods_recovered_total = Counter(
+            "node_agent_stuck_pods_recovered",
+            "Pods stuck on an image pull whose registry's credentials became effective on "
+            "the node (--recover-stuck-pods), by result: evicted, refused (429: a disruption "
+            "budget said not now; retried), skipped_unowned (no controller: told by an Event, "
+            "never deleted).",
+            ["result"],
+            registry=self.registry,
+        )
         self._initialise_label_sets()
 
     def _initialise_label_sets(self) -> None:
@@ -120,6 +130,11 @@ class AgentMetrics:
         for target in targets:
             self.in_sync.labels(target=target)
             self.managed_registries.labels(target=target)
+
+    def add_stuck_pod_recovery(self) -> None:
+        """Create the stuck-pod series at 0, only when that recovery is on."""
+        for result in STUCK_POD_RESULTS:
+            self.stuck_pods_recovered_total.labels(result=result)
 
     def add_sources(self, sources: Iterable[str]) -> None:
         """Create the per-source series at 0 for every configured source."""

@@ -171,6 +171,14 @@ class DaemonSettings:
     restarts: RestartCoordination = field(default_factory=RestartCoordination)
     """Fleet-wide pacing of containerd restarts through Lease slots."""
 
+    recover_stuck_pods: bool = False
+    """After a pass made a registry's credentials effective on this node, evict this node's
+    pods stuck pulling from it (pods with a controller) or tell them (pods without one).
+    Needs an API source and `node_name`."""
+
+    recover_stuck_pods_rate: int = 10
+    """At most this many evictions a minute on this node."""
+
     @property
     def coordinates_restarts(self) -> bool:
         """Whether containerd restarts wait for a Lease slot: the daemon restarts containerd,

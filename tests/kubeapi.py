@@ -33,6 +33,15 @@ is recorded too. Violations never change an answer; `violations()` lists them an
 `kube_api` fixture fails the test that leaves any (`clear_violations()` after asserting on
 them). `leases()`, `lease()`, `release_lease()` (an operator freeing a slot), `delete_lease()`.
 
+Pods (core/v1) for stuck-pod recovery: `create_pod` makes a pod bound to a node with one
+container (and optionally an init container), its status waiting on a pull failure or
+running, owned by a controller or by nothing; list and watch across namespaces
+(`/api/v1/pods`) honour the `spec.nodeName` field selector like any field. The `eviction`
+subresource (POST `/api/v1/namespaces/NS/pods/NAME/eviction`, request log plural
+`pods/eviction`) deletes the pod and answers 201, or 429 TooManyRequests while
+`forbid_eviction` (a PodDisruptionBudget that allows no disruption) has refusals left for
+it; `evictions()` lists the pods evicted, in order.
+
 What it does not model: list `resourceVersion`/`resourceVersionMatch` semantics (a list always
 reads the latest state), consistent snapshots across `continue` pages, label selectors
 (ignored), who sent a request (one token for every client), admission and validation beyond
@@ -95,6 +104,10 @@ class Kind:
 SECRETS = Kind("", "v1", "secrets", "Secret")
 EVENTS = Kind("", "v1", "events", "Event")
 LEASES = Kind("coordination.k8s.io", "v1", "leases", "Lease")
+PODS = Kind("", "v1", "pods", "Pod")
+
+#: Subresources served, by plural: POST only.
+_SUBRESOURCES = {"pods": ("eviction",)}
 
 _STATUS_REASONS = {
     400: "BadRequest",
@@ -174,6 +187,12 @@ class _Route:
     kind: Kind
     namespace: str | None
     name: str | None
+    subresource: str | None = None
+
+    @property
+    def plural(self) -> str:
+        """What the request log calls the resource: `pods/eviction` for a subresource."""
+        return self.kind.plural + (f"/{self.subresource}" if self.subresource else "")
 
 
 def _now() -> str:
@@ -652,9 +671,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         route = api._find_route(url.path)
         verb = _verb(method, route, query)
-        api._record(
-            RecordedRequest(method, url.path, query, verb, route.kind.plural if route else None)
-        )
+        api._record(RecordedRequest(method, url.path, query, verb, route.plural if route else None))
         try:
             self._authenticate()
             if route is None:
@@ -678,7 +695,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, verb: str, route: _Route, query: Mapping[str, str], body: bytes) -> None:
         api = self.server.api
-        if verb == "watch":
+        if route.subresource == "eviction" and verb == "create":
+            assert route.namespace is not None and route.name is not None
+            self._answer(201, api._evict(route.namespace, route.name))
+        elif route.subresource is not None:
+            raise ApiError(405, f"{self.command} is not supported on {self.path}")
+        elif verb == "watch":
             _WatchStream(self, api, route, query).serve()
         elif verb == "list":
             self._answer(200, api._list(route, query))
@@ -761,6 +783,8 @@ def _verb(method: str, route: _Route | None, query: Mapping[str, str]) -> str:
     if route.name is not None and method in named:
         return named[method]
     if method == "POST" and route.name is None and route.namespace is not None:
+        return "create"
+    if method == "POST" and route.subresource is not None:
         return "create"
     return "unknown"
 
@@ -917,7 +941,9 @@ class KubeApiServer:
         self._handler_threads: set[threading.Thread] = set()
         self._http: _HttpServer | None = None
         self._serve_thread: threading.Thread | None = None
-        for kind in (SECRETS, EVENTS, LEASES):
+        self._eviction_refusals: dict[tuple[str, str], int] = {}
+        self._evictions: list[tuple[str, str]] = []
+        for kind in (SECRETS, EVENTS, LEASES, PODS):
             self.register_kind(kind)
 
     # lifecycle
@@ -1073,6 +1099,63 @@ class KubeApiServer:
         """Delete a Lease; returns the resourceVersion of the deletion."""
         return str(self.store.delete(LEASES, namespace, name)["metadata"]["resourceVersion"])
 
+    def create_pod(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        node: str,
+        image: str,
+        waiting: str | None = "ImagePullBackOff",
+        init_image: str | None = None,
+        init_waiting: str | None = None,
+        controller: str | None = "ReplicaSet/app",
+    ) -> str:
+        """A pod bound to `node` whose container (and init container, if given) waits for
+        `waiting` (None: running), owned by `controller` (`Kind/name`; None: no owner).
+        Returns its uid."""
+        metadata: JsonObject = {"name": name}
+        if controller is not None:
+            kind, _, owner = controller.partition("/")
+            owner_uid = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{namespace}/{controller}"))
+            metadata["ownerReferences"] = [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": kind,
+                    "name": owner,
+                    "uid": owner_uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
+        spec: JsonObject = {"nodeName": node, "containers": [{"name": "app", "image": image}]}
+        status: JsonObject = {
+            "phase": "Pending",
+            "containerStatuses": [_container_status("app", image, waiting)],
+        }
+        if init_image is not None:
+            spec["initContainers"] = [{"name": "init", "image": init_image}]
+            status["initContainerStatuses"] = [_container_status("init", init_image, init_waiting)]
+        created = self.store.create(
+            PODS, namespace, {"metadata": metadata, "spec": spec, "status": status}
+        )
+        return str(created["metadata"]["uid"])
+
+    def pods(self, namespace: str | None = None) -> list[JsonObject]:
+        items, _ = self.store.items(PODS, namespace)
+        return items
+
+    def forbid_eviction(self, namespace: str, name: str, *, times: int) -> None:
+        """Answer the next `times` evictions of this pod 429, as a PodDisruptionBudget that
+        allows no disruption does."""
+        with self._lock:
+            self._eviction_refusals[(namespace, name)] = times
+
+    def evictions(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every pod evicted, in order."""
+        with self._lock:
+            return list(self._evictions)
+
     # the restart-slot audit, for tests (see RestartSlotAudit)
 
     def violations(self) -> list[str]:
@@ -1163,6 +1246,31 @@ class KubeApiServer:
                     self._faults.remove(fault)
         raise ApiError(fault.code, _fault_message(fault.code, verb, kind))
 
+    def _evict(self, namespace: str, name: str) -> JsonObject:
+        """The eviction subresource: 429 while refusals are left, else the pod is deleted
+        (the real API server deletes it gracefully; here at once)."""
+        self.store.get(PODS, namespace, name)  # 404 when there is no such pod
+        with self._lock:
+            refusals = self._eviction_refusals.get((namespace, name), 0)
+            if refusals:
+                self._eviction_refusals[(namespace, name)] = refusals - 1
+        if refusals:
+            raise ApiError(
+                429,
+                "Cannot evict pod as it would violate the pod's disruption budget.",
+                reason="TooManyRequests",
+            )
+        self.store.delete(PODS, namespace, name)
+        with self._lock:
+            self._evictions.append((namespace, name))
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "code": 201,
+        }
+
     def _find_route(self, path: str) -> _Route | None:
         """`/api/v1[/namespaces/NS]/PLURAL[/NAME]` or `/apis/GROUP/VERSION/...`; None: unknown."""
         parts = [p for p in path.split("/") if p]
@@ -1176,8 +1284,12 @@ class KubeApiServer:
         if len(rest) >= 3 and rest[0] == "namespaces":
             namespace, rest = rest[1], rest[2:]
         kind = self.kinds.get((group, version, rest[0] if rest else ""))
-        if kind is None or len(rest) > 2:
+        if kind is None or len(rest) > 3:
             return None
+        if len(rest) == 3:
+            if namespace is None or rest[2] not in _SUBRESOURCES.get(kind.plural, ()):
+                return None
+            return _Route(kind, namespace, rest[1], rest[2])
         return _Route(kind, namespace, rest[1] if len(rest) == 2 else None)
 
     def _list(self, route: _Route, query: Mapping[str, str]) -> JsonObject:
@@ -1221,6 +1333,15 @@ class KubeApiServer:
         with self.store.changed:
             self.store.changed.notify_all()
         return len(doomed)
+
+
+def _container_status(name: str, image: str, waiting: str | None) -> JsonObject:
+    state: JsonObject = (
+        {"waiting": {"reason": waiting, "message": f"{waiting}: pulling {image}"}}
+        if waiting
+        else {"running": {"startedAt": _now()}}
+    )
+    return {"name": name, "image": image, "ready": False, "restartCount": 0, "state": state}
 
 
 def _encode(data: Mapping[str, bytes]) -> dict[str, str]:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -38,6 +38,7 @@ SLOT_LEASES = BASE / "restart-slot-leases"  # component: pre-created slots, narr
 RESTART_TRIGGER = BASE / "restart-trigger"  # component: restarts without the D-Bus socket
 KUBELET_CONFIG_LINK = BASE / "kubelet-config-link"  # component: no /var/lib/kubelet mount
 NETWORK_POLICY = BASE / "network-policy"  # component: only monitoring may scrape
+STUCK_POD_RECOVERY = BASE / "stuck-pod-recovery"  # component: --recover-stuck-pods + its RBAC
 EXAMPLES = BASE / "examples"
 EXAMPLE_SECRET = EXAMPLES / "registry-credentials.yaml"
 PROMTOOL_TESTS = MONITORING / "tests" / "alerts.test.yaml"
@@ -102,6 +103,8 @@ BASE_FILES = kustomization_resources(BASE)
 MONITORING_FILES = kustomization_resources(MONITORING)
 SLOT_LEASE_FILES = kustomization_resources(SLOT_LEASES)
 NETWORK_POLICY_FILES = kustomization_resources(NETWORK_POLICY)
+# Not in ALL_MANIFESTS: its cluster-wide grant is what the default install must not have.
+STUCK_POD_RECOVERY_FILES = kustomization_resources(STUCK_POD_RECOVERY)
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 BASE_MANIFESTS = [m for path in BASE_FILES for m in load(path)]
 SLOT_LEASE_MANIFESTS = [m for path in SLOT_LEASE_FILES for m in load(path)]
@@ -229,7 +232,7 @@ def test_every_yaml_file_is_a_kustomization_a_listed_manifest_an_example_or_the_
     on_disk = {p for d in (BASE, RBAC) for p in d.rglob("*") if p.suffix in {".yaml", ".yml"}}
     kustomizations = {p for p in on_disk if p.name == "kustomization.yaml"}
     known = kustomizations | set(BASE_FILES) | set(MONITORING_FILES) | set(SLOT_LEASE_FILES)
-    known |= set(NETWORK_POLICY_FILES)
+    known |= set(NETWORK_POLICY_FILES) | set(STUCK_POD_RECOVERY_FILES)
     known |= set(EXAMPLE_FILES)
     # A kubelet CredentialProviderConfig for node images, not a manifest.
     known |= {BASE / "credential-provider" / "node-files" / "config.yaml"}
@@ -1055,3 +1058,70 @@ def test_the_network_policy_admits_only_the_monitoring_namespace_to_the_metrics_
     assert rule["ports"] == [{"protocol": "TCP", "port": metrics_port["containerPort"]}]
     port = int(agent_settings().metrics_address.rsplit(":", 1)[1])
     assert port == metrics_port["containerPort"]
+
+
+# --------------------------------------------------------------------------- stuck-pod recovery
+
+POD_RESOURCES = {"pods", "pods/eviction"}
+
+
+def cluster_permissions(bodies: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) that ClusterRoleBindings of `bodies` give the agent."""
+    roles = {b["metadata"]["name"]: b for b in bodies if b["kind"] == "ClusterRole"}
+    account = {"kind": "ServiceAccount", "name": AGENT_ACCOUNT[1], "namespace": AGENT_ACCOUNT[0]}
+    return {
+        (group, resource, verb)
+        for binding in bodies
+        if binding["kind"] == "ClusterRoleBinding" and account in binding["subjects"]
+        for rule in roles[binding["roleRef"]["name"]]["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_the_default_install_may_do_nothing_with_pods_and_does_not_recover_them() -> None:
+    assert not any(resource in POD_RESOURCES for _, _, resource, _, _ in agent_permissions())
+    assert agent_settings().recover_stuck_pods is False
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_stuck_pod_recovery_manifests_are_valid(version: str) -> None:
+    for path in STUCK_POD_RECOVERY_FILES:
+        for manifest in load(path):
+            kubernetes_validate.validate(manifest.body, version, strict=True)
+
+
+def test_the_stuck_pod_recovery_component_grants_what_recovery_needs_and_nothing_more(
+    tmp_path: Path,
+) -> None:
+    rendered = kustomize_base_with(tmp_path, STUCK_POD_RECOVERY)
+    assert identities(rendered) == identities([m.body for m in BASE_MANIFESTS]) | {
+        ("ClusterRole", None, "node-agent-stuck-pod-recovery"),
+        ("ClusterRoleBinding", None, "node-agent-stuck-pod-recovery"),
+    }
+    assert cluster_permissions(rendered) == {
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "pods/eviction", "create"),
+        ("", "events", "create"),
+        ("", "events", "patch"),
+    }
+    (binding,) = (b for b in rendered if b["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": AGENT_ACCOUNT[1], "namespace": AGENT_ACCOUNT[0]}
+    ]
+
+
+def test_with_the_stuck_pod_recovery_component_the_agent_recovers_with_the_same_other_flags(
+    tmp_path: Path,
+) -> None:
+    changed = rendered_daemonset(tmp_path, STUCK_POD_RECOVERY)
+    container = changed["spec"]["template"]["spec"]["containers"][0]
+    environ = downward_api_environment(container, namespace=changed["metadata"]["namespace"])
+    settings = daemon_settings_from(build_parser(environ).parse_args(container["args"]))
+    assert settings.recover_stuck_pods and settings.recover_stuck_pods_rate == 10
+    assert settings.node_name and settings.secrets
+    assert replace(settings, recover_stuck_pods=False) == daemon_settings_from(
+        build_parser(environ).parse_args(agent_container()["args"])
+    )

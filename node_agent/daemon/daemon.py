@@ -3,8 +3,10 @@ and the signals that end it all.
 
 Threads: one `SecretWatcher` per API source and watchdog's observer only *request* passes;
 the worker runs them; the status server answers scrapes and probes; the Event recorder
-delivers Events. SIGTERM/SIGINT close the queue (the pass in progress, with its write,
-finishes), stop the watches and the server, and the process exits 0.
+delivers Events; with --recover-stuck-pods, the worker hands each pass's `Outcome` to the
+stuck-pod recovery thread, which lists and evicts pods on its own time. SIGTERM/SIGINT close
+the queue (the pass in progress, with its write, finishes), stop the watches and the server,
+and the process exits 0.
 
 The `kubernetes` package is imported only when the API is used (API sources or Events): it
 costs ~0.6 s and ~68 MB, which a file-only agent does not need to pay.
@@ -25,6 +27,7 @@ from node_agent.daemon.file_watch import (
     interest_in_file,
     interest_in_source,
 )
+from node_agent.daemon.outcomes import applied_changes
 from node_agent.daemon.reporting import DaemonReporter, EventSink, Readiness
 from node_agent.daemon.restarts import RestartGate
 from node_agent.daemon.slot_events import SlotEvents
@@ -39,7 +42,7 @@ from node_agent.daemon.worker import (
 )
 from node_agent.errors import NodeAgentError
 from node_agent.kube.errors import ErrorReason
-from node_agent.kube.model import LeaseApi, ObjectRef, SecretApi
+from node_agent.kube.model import LeaseApi, ObjectRef, PodApi, SecretApi
 from node_agent.kube.secret_watch import (
     RestartCause,
     SecretSnapshot,
@@ -48,9 +51,11 @@ from node_agent.kube.secret_watch import (
     secret_content,
 )
 from node_agent.metrics import AgentMetrics
+from node_agent.reconcile import Outcome
 from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotTiming
 from node_agent.settings import DaemonSettings
 from node_agent.status_server import Health, StatusServer
+from node_agent.stuck_pods.recovery import RecoveryTiming, StuckPodRecovery
 from node_agent.wiring import build_reconciler, containerd_support
 
 log = logging.getLogger(__name__)
@@ -60,13 +65,14 @@ STOP_BUDGET_SECONDS = 4.0
 
 _FILE_WATCH_LOOP = "file-watch"
 _SLOTS_LOOP = "restart-slots"
+_STUCK_PODS_LOOP = "stuck-pods"
 
 
 class StartupFailed(NodeAgentError):
     """The daemon could not start (port taken, API client configuration unusable)."""
 
 
-class ApiClient(SecretApi, LeaseApi, Protocol):
+class ApiClient(SecretApi, LeaseApi, PodApi, Protocol):
     """The Kubernetes API as the daemon uses it (`node_agent.kube.client.KubeApi`)."""
 
     def close(self) -> None: ...
@@ -84,6 +90,7 @@ class DaemonParts:
     watch_settings: WatchSettings
     timing: WorkerTiming
     slot_timing: SlotTiming = field(default_factory=SlotTiming)
+    recovery_timing: RecoveryTiming = field(default_factory=RecoveryTiming)
     clock: Callable[[], float] = time.monotonic
 
 
@@ -131,6 +138,7 @@ class Daemon:
         self.reporter.containerd_found(self.containerd)
         self.file_watch = DirectoryWatch(self._interests())
         self.slots = self._restart_slots()
+        self.stuck_pods = self._stuck_pod_recovery()
         self.worker = Worker(
             queue=self.queue,
             sources=self.sources,
@@ -142,6 +150,7 @@ class Daemon:
             gate=self.gate,
             slot=self.slots,
             clock=parts.clock,
+            on_outcome=None if self.stuck_pods is None else self._hand_to_stuck_pods,
         )
         self._worker_thread = threading.Thread(target=self.worker.run, name="worker", daemon=True)
         self._watchers = [self._watcher(ref) for ref in self.sources.secret_refs]
@@ -171,6 +180,8 @@ class Daemon:
         self.file_watch.start()
         if self.slots is not None:
             self.slots.start()
+        if self.stuck_pods is not None:
+            self.stuck_pods.start()
         for thread in self._threads:
             thread.start()
 
@@ -185,6 +196,8 @@ class Daemon:
         for thread in started:
             thread.join(_left(deadline))
         stopped = not any(thread.is_alive() for thread in started)
+        if self.stuck_pods is not None:
+            stopped = self.stuck_pods.stop(timeout=_left(deadline)) and stopped
         if self.slots is not None:
             # After the worker: the pass in progress may still restart under the slot.
             stopped = self.slots.stop(timeout=_left(deadline)) and stopped
@@ -233,6 +246,26 @@ class Daemon:
             on_granted=functools.partial(self.queue.request, RESTART_ALLOWED),
             timing=self.parts.slot_timing,
         )
+
+    def _stuck_pod_recovery(self) -> StuckPodRecovery | None:
+        settings = self.settings
+        if not settings.recover_stuck_pods:
+            return None
+        if self.parts.api is None or not settings.node_name:
+            raise StartupFailed("--recover-stuck-pods needs the Kubernetes API and --node-name")
+        self.parts.metrics.add_stuck_pod_recovery()
+        return StuckPodRecovery(
+            api=self.parts.api,
+            node=settings.node_name,
+            rate_per_minute=settings.recover_stuck_pods_rate,
+            metrics=self.parts.metrics,
+            timing=self.parts.recovery_timing,
+            clock=self.parts.clock,
+        )
+
+    def _hand_to_stuck_pods(self, outcome: Outcome) -> None:
+        assert self.stuck_pods is not None
+        self.stuck_pods.credentials_applied(applied_changes(outcome, at=self.parts.clock()))
 
     # sources → queue
 
@@ -294,6 +327,8 @@ class Daemon:
         loops = {name: thread.is_alive for name, thread in self._watch_threads.items()}
         if self.slots is not None:
             loops[_SLOTS_LOOP] = self.slots.is_alive
+        if self.stuck_pods is not None:
+            loops[_STUCK_PODS_LOOP] = self.stuck_pods.is_alive
         return {_FILE_WATCH_LOOP: self.file_watch.is_alive, **loops}
 
     def _close_api(self, deadline: float) -> None:

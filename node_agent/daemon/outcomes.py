@@ -5,6 +5,8 @@
   credentials are the ones last applied to it was changed by someone else (drift).
 - What the node files hold after a pass (`Settled`), so that a file event caused by the
   agent's own write, or a resync that finds everything as it was left, needs no new pass.
+- Which registries a pass wrote where, and how containerd's restart went (`applied_changes`),
+  for stuck-pod recovery to judge when they are effective.
 """
 
 from collections.abc import Mapping
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node_agent.atomic import HOST_ROOT, read_snapshot
-from node_agent.credentials import Credentials
+from node_agent.credentials import Credentials, normalise_registry
 from node_agent.errors import WriteFailed
 from node_agent.reconcile import Fingerprint, Outcome, fingerprint
+from node_agent.stuck_pods.decisions import AppliedChange, RestartState
 
 
 def read_fingerprint(path: Path, *, root: Path = HOST_ROOT) -> Fingerprint | str:
@@ -68,3 +71,38 @@ def written_targets(
         for prepared in outcome.files
         if prepared.name in outcome.written
     ]
+
+
+def applied_changes(outcome: Outcome, *, at: float) -> list[AppliedChange]:
+    """Every registry entry `outcome` wrote (added, replaced or taken over; not removed), per
+    target, finished at `at`."""
+    restart = _restart_state(outcome)
+    return [
+        AppliedChange(
+            target=prepared.name,
+            registry=registry,
+            at=at,
+            replaced=change.action != "add",
+            restart=restart if prepared.node_file.restarts_containerd else "not_needed",
+        )
+        for prepared in outcome.files
+        if prepared.name in outcome.written
+        for change in prepared.plan.changes
+        if change.action in ("add", "update", "take over")
+        and (registry := _registry_of(change.key)) is not None
+    ]
+
+
+def _restart_state(outcome: Outcome) -> RestartState:
+    if outcome.restart is not None:
+        return "healthy" if outcome.restart.succeeded else "failed"
+    return "owed" if outcome.restart_owed else "not_needed"
+
+
+def _registry_of(key: str) -> str | None:
+    """The registry a node file key names (`https://index.docker.io/v1/` and
+    `registry-1.docker.io` both name Docker Hub)."""
+    try:
+        return normalise_registry(key)
+    except ValueError:
+        return None

@@ -109,6 +109,11 @@ def effective_configuration(settings: DaemonSettings) -> dict[str, str]:
         "dry_run": str(node.dry_run).lower(),
         "once": str(settings.once).lower(),
         "restart_slots": _restart_slots_text(settings),
+        "recover_stuck_pods": (
+            f"on (at most {settings.recover_stuck_pods_rate} evictions a minute)"
+            if settings.recover_stuck_pods
+            else "off"
+        ),
     }
 
 

@@ -13,7 +13,8 @@ A pass: re-read the file sources, merge every source's last good credentials, th
   interval; the slot's `on_granted` for a slot).
 
 A failed pass is retried with jittered exponential backoff (reset by a successful pass).
-Nothing here talks to Prometheus or the API: a `PassReport` goes to the `Reporter`.
+Nothing here talks to Prometheus or the API: a `PassReport` goes to the `Reporter`, and the
+`Outcome` of every pass that wrote (dry runs excepted) to `on_outcome`, if given.
 """
 
 import logging
@@ -131,8 +132,10 @@ class Worker:
         slot: RestartSlot | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> None:
-        """`gate` and `slot`: what a containerd restart waits for (None: nothing)."""
+        """`gate` and `slot`: what a containerd restart waits for (None: nothing).
+        `on_outcome`: told of each pass's `Outcome` (stuck-pod recovery); must not block."""
         self._queue = queue
         self._sources = sources
         self._reconciler = reconciler
@@ -143,6 +146,7 @@ class Worker:
         self._gate = gate
         self._slot = slot
         self._clock = clock
+        self._on_outcome = on_outcome
         self._retry = Backoff(
             initial=self._timing.retry_initial,
             maximum=self._timing.retry_max,
@@ -233,6 +237,8 @@ class Worker:
             self._gate.record_attempt(at=restart.last_attempt_at)
         if outcome.dry_run:
             return self._dry_run_report(outcome)
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
         if restart is not None and not restart.succeeded:
             report = self._failed_pass(credentials, RestartFailed(restart.error or restart.result))
             return replace(report, restart=restart.result)

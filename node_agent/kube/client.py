@@ -44,6 +44,7 @@ from node_agent.kube.errors import (
     ApiForbidden,
     ApiInvalid,
     ApiUnavailable,
+    EvictionRefused,
     ObjectMissing,
     WatchExpired,
 )
@@ -55,6 +56,8 @@ _IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
 _STATUS_MESSAGE_LIMIT = 200
 # Merge patch, not the client's default (JSON patch): the body is a partial object.
 _MERGE_PATCH = "application/merge-patch+json"
+#: How a cluster-wide list names its scope in errors.
+_ALL_NAMESPACES = "*"
 
 
 def load_api_client(
@@ -235,6 +238,38 @@ class KubeApi:
             )
         return _parse_json(ref, body)
 
+    def list_pods_on_node(self, node: str, *, request_timeout: RequestTimeout) -> ObjectList:
+        """Every pod bound to `node`, in every namespace (field selector `spec.nodeName`)."""
+        ref = ObjectRef(_ALL_NAMESPACES, "pods")
+        with _translated_errors(ref, "list", resource="pods"):
+            body = _read(
+                _open(
+                    self._core.list_pod_for_all_namespaces,
+                    field_selector=f"spec.nodeName={node}",
+                    request_timeout=request_timeout,
+                )
+            )
+        return _object_list(ref, body)
+
+    def evict_pod(self, ref: ObjectRef, *, request_timeout: RequestTimeout) -> None:
+        """Ask the Eviction API (policy/v1) to evict the pod: `EvictionRefused` while a
+        PodDisruptionBudget forbids it, `ObjectMissing` when the pod is gone."""
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": ref.name, "namespace": ref.namespace},
+        }
+        with _eviction_errors(ref):
+            _read(
+                _open(
+                    _as_is(self._core.create_namespaced_pod_eviction),
+                    ref.name,
+                    ref.namespace,
+                    eviction,
+                    request_timeout=request_timeout,
+                )
+            )
+
 
 class ApiWatchStream:
     """One open watch response: iterate for events; `interrupt()` from any thread ends it."""
@@ -401,6 +436,23 @@ def _lease_errors(ref: ObjectRef, verb: str) -> Iterator[None]:
             raise
 
 
+@contextmanager
+def _eviction_errors(ref: ObjectRef) -> Iterator[None]:
+    """Like `_translated_errors`, plus what an eviction answers routinely: 429 (a disruption
+    budget says not now) as `EvictionRefused`, 404 (the pod is gone) as `ObjectMissing`."""
+    with _translated_errors(ref, "create", resource="pods/eviction"):
+        try:
+            yield
+        except ApiException as error:
+            message = str(_status_of(error).get("message") or "")[:_STATUS_MESSAGE_LIMIT]
+            if error.status == 429:
+                raise EvictionRefused(str(ref), f"eviction refused (429: {message})") from error
+            if error.status == 404:
+                problem = f"the pod no longer exists (404: {message})"
+                raise ObjectMissing(str(ref), problem) from error
+            raise
+
+
 def _status_error(
     ref: ObjectRef, verb: str, code: int, status: Mapping[str, Any], resource: str = "secrets"
 ) -> NodeAgentError:
@@ -429,6 +481,11 @@ def _needed_permission(ref: ObjectRef, resource: str) -> str:
         return "create and patch events there"
     if resource == "leases":
         return f"get, list, watch, create and update leases in namespace {ref.namespace}"
+    if resource in ("pods", "pods/eviction"):
+        return (
+            "list and watch pods and create pods/eviction cluster-wide "
+            "(daemonset/stuck-pod-recovery)"
+        )
     return f"get, list and watch Secret {ref.name!r} there"
 
 

@@ -71,3 +71,12 @@ class ObjectMissing(NodeAgentError):
     def __init__(self, ref: str, problem: str) -> None:
         self.ref = ref
         super().__init__(f"{ref}: {problem}")
+
+
+class EvictionRefused(NodeAgentError):
+    """429 on an eviction: a PodDisruptionBudget allows no disruption now. Routine: the
+    eviction is asked for again later, with backoff."""
+
+    def __init__(self, ref: str, problem: str) -> None:
+        self.ref = ref
+        super().__init__(f"{ref}: {problem}")

@@ -282,3 +282,40 @@ def _name_of(event: Mapping[str, Any]) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError("the API answered a created Event without metadata.name")
     return name
+
+
+def pod_event(
+    pod: ObjectRef,
+    *,
+    uid: str,
+    reason: str,
+    message: str,
+    type: EventType,
+    node: str,
+    at: datetime,
+    component: str = "node-agent",
+) -> dict[str, Any]:
+    """A core/v1 Event about a pod, for its namespace (`kubectl describe pod` shows it). The
+    message is made printable and shortened like the Node Events'."""
+    timestamp = _timestamp(at)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{pod.name}.", "namespace": pod.namespace},
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "namespace": pod.namespace,
+            "name": pod.name,
+            "uid": uid,
+        },
+        "reason": reason,
+        "message": printable(message)[:_MESSAGE_LIMIT],
+        "type": type,
+        "source": {"component": component, "host": node},
+        "firstTimestamp": timestamp,
+        "lastTimestamp": timestamp,
+        "count": 1,
+        "reportingComponent": component,
+        "reportingInstance": f"{component}-{node}",
+    }

@@ -121,3 +121,20 @@ class LeaseApi(Protocol):
         """PUT `lease`, which carries the `metadata.resourceVersion` it was read at: the
         stored Lease, or `ApiConflict` when someone changed it since."""
         ...
+
+
+class PodApi(Protocol):
+    """What stuck-pod recovery needs from the API: the pods of one node, the Eviction API
+    (policy/v1, so PodDisruptionBudgets hold) and Events about pods. Failures raise
+    `node_agent.kube.errors` types: a 429 on an eviction `EvictionRefused`, a 404
+    `ObjectMissing` (the pod is gone), the rest like the Secret calls."""
+
+    def list_pods_on_node(self, node: str, *, request_timeout: RequestTimeout) -> ObjectList:
+        """Every pod bound to `node`, in every namespace (field selector `spec.nodeName`)."""
+        ...
+
+    def evict_pod(self, ref: ObjectRef, *, request_timeout: RequestTimeout) -> None: ...
+
+    def create_event(
+        self, namespace: str, event: Mapping[str, Any], *, request_timeout: RequestTimeout
+    ) -> Mapping[str, Any]: ...
