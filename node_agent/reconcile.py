@@ -79,6 +79,8 @@ class NodeFile:
     and other bits), a new one is 0600. Set for the plugin the kubelet executes."""
     read_at_kubelet_start: bool = False
     """The kubelet reads the file only when it starts: a change waits for its next start."""
+    keys_are_registries: bool = True
+    """The file's entries are registries' credentials (not the plugin, not a provider list)."""
 
     @property
     def name(self) -> str:

@@ -86,6 +86,7 @@ def credential_provider_files(settings: Settings) -> list[NodeFile]:
             bin_dir / PLUGIN_NAME,
             root=settings.host_root,
             mode=_PLUGIN_MODE,
+            keys_are_registries=False,
         ),
         NodeFile(
             ProviderConfigFormat(
@@ -95,6 +96,7 @@ def credential_provider_files(settings: Settings) -> list[NodeFile]:
             settings.on_host(settings.credential_provider_config),
             root=settings.host_root,
             read_at_kubelet_start=True,
+            keys_are_registries=False,
         ),
     ]
 

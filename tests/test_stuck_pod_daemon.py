@@ -31,7 +31,7 @@ from node_agent.daemon.outcomes import applied_changes
 from node_agent.errors import RestartFailed
 from node_agent.ownership import StateStore
 from node_agent.reconcile import NodeFile, Reconciler
-from node_agent.settings import TARGET_NAMES, DaemonSettings
+from node_agent.settings import DEFAULT_TARGETS, DaemonSettings
 from node_agent.stuck_pods.recovery import CREDENTIALS_ON_NODE, RECOVERED
 from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
@@ -184,7 +184,7 @@ def start_agent(
     script.chmod(0o755)
 
     def start(
-        *, recover: bool, restart: bool = False, targets: tuple[str, ...] = TARGET_NAMES
+        *, recover: bool, restart: bool = False, targets: tuple[str, ...] = DEFAULT_TARGETS
     ) -> Agent:
         settings = agent_settings(
             node, kube_api, cri_socket=cri_socket, restart_script=script if restart else None

@@ -88,7 +88,9 @@ def change(
         (change("containerd", restart="not_needed"), 100.0),
         (change("containerd", restart="failed"), None),
         (change("kubelet"), 100.0 + KUBELET_CREDENTIAL_CACHE_SECONDS),
-        (change("credential-provider"), 100.0),
+        (change("credential-provider-response"), 100.0),
+        (change("credential-provider-response", restart="owed"), None),
+        (change("credential-provider-config"), None),
         (change("a-target-nobody-knows"), None),
     ],
     ids=[
@@ -96,7 +98,9 @@ def change(
         "containerd without a restart owed: at once",
         "containerd restart failed: never",
         "kubelet: after its cache expired",
-        "credential provider: at once",
+        "credential provider response: at once",
+        "credential provider, registry new to the kubelet's config: not before its restart",
+        "the kubelet's provider config serves no registry itself",
         "unknown target: never",
     ],
 )

@@ -16,8 +16,9 @@ from pathlib import Path
 from node_agent.atomic import HOST_ROOT, read_snapshot
 from node_agent.credentials import Credentials, normalise_registry
 from node_agent.errors import WriteFailed
-from node_agent.reconcile import Fingerprint, Outcome, fingerprint
+from node_agent.reconcile import Fingerprint, Outcome, PreparedFile, fingerprint
 from node_agent.stuck_pods.decisions import AppliedChange, RestartState
+from node_agent.targets.credential_provider import ResponseFormat
 
 
 def read_fingerprint(path: Path, *, root: Path = HOST_ROOT) -> Fingerprint | str:
@@ -83,14 +84,27 @@ def applied_changes(outcome: Outcome, *, at: float) -> list[AppliedChange]:
             registry=registry,
             at=at,
             replaced=change.action != "add",
-            restart=restart if prepared.node_file.restarts_containerd else "not_needed",
+            restart=_consumer_restart(prepared, outcome, containerd=restart),
         )
         for prepared in outcome.files
-        if prepared.name in outcome.written
+        if prepared.name in outcome.written and prepared.node_file.keys_are_registries
         for change in prepared.plan.changes
         if change.action in ("add", "update", "take over")
         and (registry := _registry_of(change.key)) is not None
     ]
+
+
+def _consumer_restart(
+    prepared: PreparedFile, outcome: Outcome, *, containerd: RestartState
+) -> RestartState:
+    """Whether the file's consumer must restart before it serves the change: containerd for
+    config.toml; the kubelet for the credential provider's response, when the registries the
+    kubelet asks the plugin about changed in the same pass."""
+    if prepared.node_file.restarts_containerd:
+        return containerd
+    if isinstance(prepared.node_file.format, ResponseFormat) and outcome.kubelet_restart_needed:
+        return "owed"
+    return "not_needed"
 
 
 def _restart_state(outcome: Outcome) -> RestartState:

@@ -20,9 +20,9 @@ PULL_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff"})
 """The waiting reasons of a container whose image pull failed."""
 
 RestartState = Literal["healthy", "not_needed", "owed", "failed"]
-"""For a target whose file is read only when its consumer starts (containerd): restarted and
-healthy; no restart owed (`--reload none`); a restart owed and not made yet; the restart
-failed or was rolled back."""
+"""For a target whose file is read only when its consumer starts (containerd; the kubelet for
+the credential provider's config): restarted and healthy; no restart owed (`--reload none`);
+a restart owed and not made yet; the restart failed or was rolled back."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class AppliedChange:
     """One registry's entry that a pass wrote into one target."""
 
     target: str
-    """The target's name: `containerd`, `kubelet`, `credential-provider`."""
+    """The node file's name: `containerd`, `kubelet`, `credential-provider-response`."""
     registry: str
     """The registry, normalised like the Secret keys (`docker.io` for Docker Hub)."""
     at: float
@@ -61,7 +61,9 @@ def effective(change: AppliedChange) -> Effective | None:
                 change.at + KUBELET_CREDENTIAL_CACHE_SECONDS,
                 "config.json written and kubelet's 5-minute credential cache expired",
             )
-        case "credential-provider":
+        case "credential-provider-response" if change.restart == "not_needed":
+            # The kubelet asks the plugin on every pull, uncached; not so for a registry
+            # just added to the provider's matchImages: that waits for the kubelet's restart.
             return Effective(change.at, "the credential provider's response file written")
     return None
 
