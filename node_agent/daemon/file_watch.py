@@ -101,6 +101,9 @@ class DirectoryWatch:
         return sorted(self._by_directory)
 
     def start(self) -> None:
+        # Started first, so each directory's watch begins (or fails: a directory that does
+        # not exist yet) in `schedule`, one at a time, instead of failing the whole start.
+        self._observer.start()
         for directory, interests in self._by_directory.items():
             try:
                 self._observer.schedule(
@@ -112,7 +115,6 @@ class DirectoryWatch:
                     directory,
                     error.strerror or error,
                 )
-        self._observer.start()
         log.info("watching %s", ", ".join(map(str, self.directories)))
 
     def is_alive(self) -> bool:
