@@ -2,14 +2,18 @@
 next answer, and nothing is restarted; a new registry says the kubelet must restart."""
 
 import json
+import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from daemon_harness import (
+    DOCKERCONFIG,
     NAME,
+    NODE_NAME,
     NS,
     REGISTRY,
     RESTART_SCRIPT,
@@ -17,6 +21,7 @@ from daemon_harness import (
     Node,
     agent_settings,
     create_secret,
+    dockerconfig,
     start_daemon,
     update_secret,
 )
@@ -27,27 +32,55 @@ from support.waiting import wait_until
 from node_agent.targets.credential_provider import PLUGIN_NAME, RESPONSE_NAME
 
 V1 = "credentialprovider.kubelet.k8s.io/v1"
+NODE_FILES = Path(__file__).parents[1] / "daemonset/credential-provider/node-files"
+
+
+StartAgent = Callable[..., Agent]
 
 
 @pytest.fixture
-def agent(tmp_path: Path, kube_api: KubeApiServer, cri_socket: str) -> Iterator[Agent]:
-    """A daemon with only the credential-provider target, and a restart command that counts
-    containerd restarts (it must never run)."""
+def start_agent(
+    tmp_path: Path, kube_api: KubeApiServer, cri_socket: str
+) -> Iterator[StartAgent]:
+    """Start a daemon with only the credential-provider target, and a restart command that
+    counts containerd restarts (it must never run)."""
     node = Node.create(tmp_path / "node")
     (node.root / "bin").mkdir()
     script = tmp_path / "restart.sh"
     script.write_text(RESTART_SCRIPT)
     script.chmod(0o755)
-    settings = agent_settings(node, kube_api, cri_socket=cri_socket, restart_script=script)
-    node_settings = replace(
-        settings.node,
-        targets=("credential-provider",),
-        credential_provider_bin_dir=node.root / "bin",
-        credential_provider_config=node.root / "provider-config.yaml",
-    )
-    running = Agent(start_daemon(replace(settings, node=node_settings)), node, kube_api)
-    yield running
-    running.stop()
+    running: list[Agent] = []
+
+    def start(
+        *,
+        match_images: str = "registries",
+        recover_stuck_pods: bool = False,
+        provisioned: bool = False,
+    ) -> Agent:
+        if provisioned:
+            for name in (PLUGIN_NAME, RESPONSE_NAME):
+                shutil.copy2(NODE_FILES / name, node.root / "bin" / name)
+            shutil.copy2(NODE_FILES / "config.yaml", node.root / "provider-config.yaml")
+        settings = agent_settings(node, kube_api, cri_socket=cri_socket, restart_script=script)
+        node_settings = replace(
+            settings.node,
+            targets=("credential-provider",),
+            credential_provider_bin_dir=node.root / "bin",
+            credential_provider_config=node.root / "provider-config.yaml",
+            credential_provider_match_images=match_images,
+        )
+        settings = replace(settings, node=node_settings, recover_stuck_pods=recover_stuck_pods)
+        running.append(Agent(start_daemon(settings), node, kube_api))
+        return running[-1]
+
+    yield start
+    for agent in running:
+        agent.stop()
+
+
+@pytest.fixture
+def agent(start_agent: StartAgent) -> Agent:
+    return start_agent()
 
 
 def plugin_password(agent: Agent) -> str | None:
@@ -139,3 +172,34 @@ def test_a_tampered_response_and_a_deleted_plugin_are_put_back(
         and agent.metric(repaired, target="credential-provider-plugin") == 1,
         timeout=5,
     )
+
+
+def test_a_pod_stuck_on_the_registry_is_evicted_once_the_plugin_answers_for_it(
+    kube_api: KubeApiServer, start_agent: StartAgent
+) -> None:
+    # The node was provisioned with the node files of daemonset/credential-provider: the
+    # kubelet asks the plugin about every image, and the response alone makes the
+    # credentials effective.
+    # (A registry without a port: the patterns for all images cover it.)
+    image = "portless.example/team/app:1"
+    kube_api.create_pod("team", "app-1", node=NODE_NAME, image=image, waiting="ErrImagePull")
+    agent = start_agent(match_images="all", recover_stuck_pods=True, provisioned=True)
+    secret = dockerconfig("pw-fixed", "portless.example")
+    kube_api.create_secret(NS, NAME, secret, type=DOCKERCONFIG)
+    wait_until(kube_api.evictions, 5.0, "app-1 evicted once the plugin answers")
+    assert kube_api.evictions() == [("team", "app-1")]
+    assert b"pw-fixed" in plugin_stdout(agent)
+    assert agent.metric("node_agent_kubelet_restart_needed") == 0
+
+
+def test_a_registry_new_to_the_kubelet_config_is_not_acted_on_before_the_kubelet_restarts(
+    kube_api: KubeApiServer, start_agent: StartAgent
+) -> None:
+    image = f"{REGISTRY}/team/app:1"
+    kube_api.create_pod("team", "app-1", node=NODE_NAME, image=image, waiting="ErrImagePull")
+    agent = start_agent(match_images="registries", recover_stuck_pods=True)
+    create_secret(kube_api, "pw-fixed")
+    wait_until(lambda: plugin_password(agent) == "pw-fixed", timeout=5)
+    agent.wait_idle()
+    time.sleep(0.5)  # a recovery acting on it would have evicted by now
+    assert kube_api.evictions() == []
