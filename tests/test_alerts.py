@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.markdown import anchors
 from support.promql import Selector, exported_series, promtool, selectors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,20 +192,13 @@ def test_a_healthy_cluster_is_shown_to_raise_no_alert_at_all() -> None:
     assert quiet == alert_names()
 
 
-def markdown_anchors(text: str) -> set[str]:
-    """The anchors GitHub gives a document's headings: lower case, punctuation dropped,
-    spaces as hyphens."""
-    headings = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
-
-
 def test_every_alert_links_its_own_runbook_section_and_the_section_exists() -> None:
-    anchors = markdown_anchors(RUNBOOKS.read_text())
+    found = anchors(RUNBOOKS.read_text())
     for rule in rules():
         page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
         assert page == RUNBOOKS.relative_to(REPO).as_posix(), rule["alert"]
         assert anchor == rule["alert"].lower(), f"{rule['alert']}: links another alert's runbook"
-        assert anchor in anchors, f"{rule['alert']}: docs/runbooks.md has no #{anchor}"
+        assert anchor in found, f"{rule['alert']}: docs/runbooks.md has no #{anchor}"
 
 
 def test_each_runbook_says_what_the_alert_means_how_to_confirm_it_and_what_to_do() -> None:
