@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,66 @@ def test_under_json_logs_the_fatal_error_is_a_json_record_too(
     records = [json.loads(line) for line in lines]  # every line, the last one too
     assert records[-1]["level"] == "error" and records[-1]["logger"] == "node_agent"
     assert 'auths["reg.example"].auth: not valid base64' in records[-1]["message"]
+
+
+# The argument groups of `run --help`, in order, and flags each must hold.
+RUN_GROUPS = {
+    "sources": {"--secret-file", "--fallback-secret-file", "--secret", "--fallback-secret"},
+    "node files": {"--containerd-config", "--kubelet-config", "--targets", "--host-root"},
+    "restarts": {"--reload", "--reload-command", "--reload-timeout", "--min-reload-interval"},
+    "restart slots": {"--restart-concurrency", "--restart-lease-ttl", "--restart-max-wait"},
+    "API": {"--kubeconfig", "--node-name", "--events", "--no-events"},
+    "observability": {"--log-format", "--log-level", "--metrics-address"},
+}
+
+
+def help_entries(text: str) -> dict[str, dict[str, str]]:
+    """`--help` output as group title → flag → its help text (without env and default)."""
+    groups: dict[str, dict[str, str]] = {}
+    flag = ""
+    for line in text.splitlines():
+        if re.fullmatch(r"[\w ]+:", line):
+            entries = groups.setdefault(line[:-1], {})
+        elif match := re.match(r"  (-[-\w]+)[^ ]*(?: \S+)*?(?:  +(?P<help>.*))?$", line):
+            flag = match[1]
+            entries[flag] = match["help"] or ""
+        elif line.startswith("    ") and flag:
+            entries[flag] += " " + line.strip()
+    for entries in groups.values():
+        for name, help_text in entries.items():
+            bare = re.sub(r"\[env \w+\]|\(default: [^)]*\)", "", help_text)
+            entries[name] = " ".join(bare.split())
+    return groups
+
+
+@pytest.mark.parametrize("command", ["reconcile", "check", "run"])
+def test_every_flag_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(command, "--help") == 0
+    for group, entries in help_entries(capsys.readouterr().out).items():
+        for flag, help_text in entries.items():
+            assert help_text, f"{command} --help: {flag} ({group}) has no help"
+
+
+def test_run_help_groups_its_flags_by_what_they_are_about(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run("run", "--help") == 0
+    groups = help_entries(capsys.readouterr().out)
+    assert [title for title in groups if title not in ("options", "usage")] == list(RUN_GROUPS)
+    for title, flags in RUN_GROUPS.items():
+        assert flags <= groups[title].keys(), f"{title}: {sorted(flags - groups[title].keys())}"
+    assert set(groups["options"]) == {"-h"}, "a flag outside every group"
+
+
+def test_reconcile_help_shows_only_the_groups_it_has_flags_in(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run("reconcile", "--help") == 0
+    groups = help_entries(capsys.readouterr().out)
+    assert [t for t in groups if t != "options"] == [
+        "sources",
+        "node files",
+        "restarts",
+        "observability",
+    ]
+    assert "--dry-run" in groups["node files"]
