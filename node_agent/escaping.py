@@ -48,3 +48,13 @@ def shown_key(key: str) -> str:
     if len(shown) > KEY_DISPLAY_LIMIT:
         return shown[: KEY_DISPLAY_LIMIT - 1] + "…"
     return shown
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters at a word boundary (mid-word only when there is
+    none in the second half), saying how much was left out: `... …(812 more characters)`."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit + 1)
+    kept = text[: cut if cut > limit // 2 else limit].rstrip()
+    return f"{kept} …({len(text) - len(kept)} more characters)"

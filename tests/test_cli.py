@@ -341,3 +341,21 @@ def test_reconcile_help_shows_only_the_groups_it_has_flags_in(
         "observability",
     ]
     assert "--dry-run" in groups["node files"]
+
+
+def test_an_opaque_secret_manifest_with_a_dockerconfigjson_key_is_applied_with_a_warning(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inner = json.dumps({"auths": {"reg.example": {"username": "u", "password": PASSWORD}}})
+    manifest = tmp_path / "secret.json"
+    manifest.write_text(
+        json.dumps(
+            {"kind": "Secret", "type": "Opaque", "stringData": {".dockerconfigjson": inner}}
+        )
+    )
+    flags = ["--secret-file", str(manifest), "--host-root", str(host), "--reload", "none"]
+    assert run("reconcile", *flags) == 0
+    assert "reg.example" in (host / "var/lib/kubelet/config.json").read_text()
+    err = capsys.readouterr().err
+    assert f"{manifest}: type: Opaque, read as kubernetes.io/dockerconfigjson" in err
+    assert "kubectl create secret docker-registry" in err and PASSWORD not in err
