@@ -476,6 +476,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from parsed flags. Raises ValueError for combinations argparse cannot see."""
+    _check_host_root(args.host_root)
     return Settings(
         secret_files=tuple(args.secret_file),
         fallback_secret_files=tuple(args.fallback_secret_file),
@@ -495,6 +496,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log_format=args.log_format,
         log_level=args.log_level,
     )
+
+
+def _check_host_root(host_root: Path) -> None:
+    # A file here would otherwise surface as "Not a directory" on the first node path.
+    if host_root.exists() and not host_root.is_dir():
+        raise ValueError(
+            f"--host-root {printable(str(host_root))} is a file, not a directory: give the "
+            "directory where the node's filesystem is mounted (/ on the node, /host in the "
+            "DaemonSet)"
+        )
 
 
 def _restart_command(mode: str, text: str | None) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from node_agent.errors import InvalidCredentials
+from node_agent.errors import InvalidCredentials, json_position
 from node_agent.escaping import bounded, printable, shown_key
 
 #: The one name the agent uses for Docker Hub, whatever alias a Secret spells it with.
@@ -331,17 +331,27 @@ def decode_secret_value(source: str, field_path: str, value: Any) -> bytes:
 def _load_json(source: str, field_path: str, raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidCredentials(source, field_path, "not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        problem = f"not valid JSON{json_position(error)}"
+        raise InvalidCredentials(source, field_path, problem) from None
 
 
 def _load_json_or_yaml(source: str, raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        pass
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        as_json = json_position(error)
     try:
         # YAML is a superset of JSON; JSON first only because it is faster and stricter.
         return yaml.safe_load(raw)
-    except (yaml.YAMLError, RecursionError):
-        raise InvalidCredentials(source, "document", "neither valid JSON nor YAML") from None
+    except (yaml.YAMLError, RecursionError) as error:
+        problem = f"neither valid JSON{as_json} nor YAML{_yaml_position(error)}"
+        raise InvalidCredentials(source, "document", problem) from None
+
+
+def _yaml_position(error: BaseException) -> str:
+    """Like `json_position`, for PyYAML (whose marks count from 0)."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return ""
+    return f" (line {mark.line + 1}, column {mark.column + 1})"

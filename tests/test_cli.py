@@ -251,6 +251,18 @@ def test_a_host_root_that_does_not_exist_fails_alike_in_a_dry_run_and_creates_no
     assert not host.exists()
 
 
+@pytest.mark.parametrize("command", ["reconcile", "check", "run"])
+def test_a_host_root_that_is_a_file_is_a_usage_error_saying_so(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    host = tmp_path / "host.tar"
+    host.write_text("not a directory")
+    assert run(command, *node_flags(host, secret)) == 2
+    err = capsys.readouterr().err
+    assert f"--host-root {host} is a file, not a directory" in err
+
+
 def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 

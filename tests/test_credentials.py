@@ -202,7 +202,21 @@ def test_higher_priority_source_wins_and_lower_ones_only_add() -> None:
 
 
 BAD_INPUT = [
-    ("not a document", b"{not json: [", "document", "neither valid JSON nor YAML"),
+    (
+        "not a document",
+        b"{not json: [",
+        "document",
+        "neither valid JSON (line 1, column 2) nor YAML (line 1, column 13)",
+    ),
+    (
+        "a Secret's JSON broken on line 3",
+        b'{"kind": "Secret", "type": "kubernetes.io/dockerconfigjson",\n'
+        b'  "data": {".dockerconfigjson": "'
+        + base64.b64encode(b'{"auths":\n{\n"r": 1,,}}')
+        + b'"}}',
+        ".dockerconfigjson",
+        "not valid JSON (line 3, column 8)",
+    ),
     ("a list", b"[1, 2]", "document", "expected a JSON or YAML object"),
     ("auths not a map", b'{"auths": []}', "auths", "expected a map"),
     ("entry not an object", b'{"auths": {"r.example": "x"}}', 'auths["r.example"]', "object"),
@@ -242,7 +256,7 @@ BAD_INPUT = [
         "base64",
     ),
     ("not a Secret", b'{"kind": "ConfigMap", "data": {}}', "kind", "expected a Secret"),
-    ("deep nesting", b"[" * 100000, "document", "neither valid JSON nor YAML"),
+    ("deep nesting", b"[" * 100000, "document", "neither valid JSON"),
 ]
 
 
