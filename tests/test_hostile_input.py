@@ -181,16 +181,17 @@ def test_control_characters_in_a_key_are_escaped_in_the_one_error_line(
     ("text", "limit", "shown"),
     [
         ("short enough", 12, "short enough"),
-        ("cut at the last word that fits", 14, "cut at the …(20 more characters)"),
-        ("trailing   spaces   go", 12, "trailing …(14 more characters)"),
-        ("one-very-long-word-without-spaces", 10, "one-very-l …(23 more characters)"),
-        ("a " + "x" * 30, 10, "a xxxxxxxx …(22 more characters)"),  # no space in the 2nd half
+        ("cut at the last word that fits in", 32, "cut at the …(23 more characters)"),
+        ("trailing   spaces   go" + "x" * 20, 34, "trailing …(34 more characters)"),
+        ("one-very-long-word-without-spaces", 32, "one-very-l …(23 more characters)"),
+        ("a " + "x" * 30, 31, "a xxxxxxx …(23 more characters)"),  # no space in the 2nd half
     ],
 )
 def test_long_text_is_cut_at_a_word_saying_how_much_was_left_out(
     text: str, limit: int, shown: str
 ) -> None:
     assert bounded(text, limit) == shown
+    assert len(shown) <= limit
 
 
 def test_text_log_lines_escape_control_characters() -> None:
