@@ -89,8 +89,18 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
         if "%(default)" in help_text or default in (None, False, [], "", argparse.SUPPRESS):
             return help_text
         if action.option_strings and "default " not in help_text:
-            return f"{help_text} (default: %(default)s)"
+            return f"{help_text} (default: {_shown_default(action)})"
         return help_text
+
+
+def _shown_default(action: argparse.Action) -> str:
+    """A default as it would be typed: `containerd,kubelet`, `30s`."""
+    default = action.default
+    if action.type is parse_duration and isinstance(default, float):
+        return f"{default:g}s"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
 
 
 class _FlagTarget(Protocol):

@@ -275,6 +275,7 @@ def test_help_shows_every_default(command: str, capsys: pytest.CaptureFixture[st
     assert run(command, "--help") == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: systemd)" in text and "(default: /)" in text
+    assert "(default: containerd,kubelet)" in text and "(default: 30s)" in text
     assert "--secret-file" in text and "need one, or a --fallback" in text
     assert "(default: None)" not in text and "(default: False)" not in text
     if command == "run":
