@@ -1,5 +1,6 @@
 """Fleet-safe restarts: how long a fleet takes to restart containerd through N
-restart slots, against README's rollout formula ceil(nodes / N) x (restart + CRI health + settle).
+restart slots, against the rollout formula of docs/restart-slots.md,
+ceil(nodes / N) x (restart + CRI health + settle).
 Prints numbers; asserts nothing.
 
     python bench/restart_slots_bench.py [--nodes 50] [--concurrency 1 5] [--rounds 3]

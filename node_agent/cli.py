@@ -11,7 +11,7 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from node_agent import __version__, commands
 from node_agent.demo import demo_command
@@ -98,14 +98,30 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
         if "%(default)" in help_text or default in (None, False, [], "", argparse.SUPPRESS):
             return help_text
         if action.option_strings and "default " not in help_text:
-            return f"{help_text} (default: %(default)s)"
+            return f"{help_text} (default: {_shown_default(action)})"
         return help_text
+
+
+def _shown_default(action: argparse.Action) -> str:
+    """A default as it would be typed: `containerd,kubelet`, `30s`."""
+    default = action.default
+    if action.type is parse_duration and isinstance(default, float):
+        return f"{default:g}s"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+class _FlagTarget(Protocol):
+    """Where flags go: a parser or one of its argument groups."""
+
+    def add_argument(self, *names: str, **options: Any) -> argparse.Action: ...
 
 
 class _EnvDefaults:
     """Adds flags whose default comes from `NODE_AGENT_<FLAG>` when that variable is set."""
 
-    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    def __init__(self, parser: _FlagTarget, environ: Mapping[str, str]) -> None:
         self.parser = parser
         self.environ = environ
 
@@ -139,8 +155,32 @@ class _EnvDefaults:
         return convert(raw)
 
 
-def _add_node_flags(flags: _EnvDefaults) -> None:
-    defaults = Settings()
+# The argument groups of `--help`, in order: (title, what the group's flags are about).
+_GROUPS = {
+    "sources": "where the credentials come from, highest priority first",
+    "node files": "the node's files the agent manages, and where they are",
+    "restarts": "how containerd is restarted after its auth changed, and proven healthy",
+    "restart slots": "at most N nodes restart containerd at once (Leases in the API)",
+    "API": "the Kubernetes API: how to reach it, Events on the Node",
+    "stuck pods": "evicting this node's pods stuck on image pulls, once credentials are "
+    "effective (off by default)",
+    "observability": "logs, metrics and probes",
+}
+
+
+def _groups(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str], titles: Sequence[str]
+) -> dict[str, _EnvDefaults]:
+    """One flag adder per argument group, for the groups a command has (argparse would show
+    an empty group's title)."""
+    return {
+        title: _EnvDefaults(parser.add_argument_group(title, description), environ)
+        for title, description in _GROUPS.items()
+        if title in titles
+    }
+
+
+def _add_file_source_flags(flags: _EnvDefaults) -> None:
     flags.add(
         "--secret-file",
         action="append",
@@ -148,7 +188,8 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         default=[],
         metavar="PATH",
         help="credentials source, repeatable, highest priority first (`reconcile` and "
-        "`check` need one, or a --fallback-secret-file)",
+        "`check` need one, or a --fallback-secret-file): a .dockerconfigjson or .dockercfg "
+        "document, a Secret manifest, or a mounted Secret volume",
     )
     flags.add(
         "--fallback-secret-file",
@@ -158,14 +199,30 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         metavar="PATH",
         help="source used only for registries no --secret-file names",
     )
-    flags.add("--containerd-config", type=Path, default=defaults.containerd_config, metavar="PATH")
+
+
+def _add_node_file_flags(flags: _EnvDefaults) -> None:
+    defaults = Settings()
+    flags.add(
+        "--containerd-config",
+        type=Path,
+        default=defaults.containerd_config,
+        metavar="PATH",
+        help="containerd's config.toml (registry auth tables)",
+    )
     flags.add(
         "--containerd-config-version",
         type=parse_version,
         default=2,
         help="version of a config.toml the agent has to create (2 or 3)",
     )
-    flags.add("--kubelet-config", type=Path, default=defaults.kubelet_config, metavar="PATH")
+    flags.add(
+        "--kubelet-config",
+        type=Path,
+        default=defaults.kubelet_config,
+        metavar="PATH",
+        help="the kubelet's docker config.json (auths)",
+    )
     flags.add(
         "--targets",
         type=parse_targets,
@@ -207,7 +264,17 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         metavar="DIR",
         help="where the node's filesystem is mounted; prefixes every node path",
     )
-    flags.add("--state-dir", type=Path, default=defaults.state_dir, metavar="DIR")
+    flags.add(
+        "--state-dir",
+        type=Path,
+        default=defaults.state_dir,
+        metavar="DIR",
+        help="where the agent remembers what it owns (owned.json); keep it across restarts",
+    )
+
+
+def _add_restart_flags(flags: _EnvDefaults) -> None:
+    defaults = Settings()
     flags.add(
         "--reload",
         choices=RESTART_MODES,
@@ -227,7 +294,14 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         metavar="DURATION",
         help="restart + CRI health budget before rolling back",
     )
-    flags.add("--containerd-socket", type=Path, default=defaults.containerd_socket, metavar="PATH")
+    flags.add(
+        "--containerd-socket",
+        type=Path,
+        default=defaults.containerd_socket,
+        metavar="PATH",
+        help="containerd's socket, where CRI Version is asked (its version, and health after "
+        "a restart)",
+    )
     flags.add(
         "--system-bus-socket",
         type=Path,
@@ -243,15 +317,53 @@ def _add_node_flags(flags: _EnvDefaults) -> None:
         help="node directory watched by the host's node-agent-restart-containerd.path unit, "
         "for --reload trigger",
     )
-    flags.add("--log-format", choices=("text", "json"), default="text")
-    flags.add("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
-def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
-    defaults = DaemonSettings()
+def _add_log_flags(flags: _EnvDefaults) -> None:
     flags.add(
-        "--dry-run", action="store_true", help="log what would change; write and restart nothing"
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines on stderr: text, or one JSON object per line",
     )
+    flags.add(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe log lines shown",
+    )
+
+
+def _add_node_flags(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str]
+) -> dict[str, _EnvDefaults]:
+    """The flags of `reconcile` and `check`; their groups, for a command's own flags."""
+    groups = _groups(parser, environ, ("sources", "node files", "restarts", "observability"))
+    _add_file_source_flags(groups["sources"])
+    _add_node_file_flags(groups["node files"])
+    _add_restart_flags(groups["restarts"])
+    _add_log_flags(groups["observability"])
+    return groups
+
+
+def _add_daemon_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """The flags of `run`: those of `reconcile`, and the daemon's."""
+    groups = _groups(parser, environ, tuple(_GROUPS))
+    _add_file_source_flags(groups["sources"])
+    _add_api_source_flags(groups["sources"])
+    _add_node_file_flags(groups["node files"])
+    _add_daemon_pass_flags(groups["node files"])
+    _add_restart_flags(groups["restarts"])
+    _add_restart_pacing_flags(groups["restarts"])
+    _add_restart_slot_flags(groups["restart slots"], environ)
+    _add_api_flags(groups["API"], environ)
+    _add_stuck_pod_flags(groups["stuck pods"])
+    _add_log_flags(groups["observability"])
+    _add_metrics_flags(groups["observability"])
+
+
+def _add_api_source_flags(flags: _EnvDefaults) -> None:
+    defaults = DaemonSettings()
     flags.add(
         "--secret",
         action="append",
@@ -270,13 +382,6 @@ def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
         help="Secret used only for registries no higher source names",
     )
     flags.add(
-        "--kubeconfig",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="default: in-cluster ServiceAccount, else $KUBECONFIG",
-    )
-    flags.add(
         "--on-secret-delete",
         choices=ON_SECRET_DELETE,
         default=defaults.on_secret_delete,
@@ -285,19 +390,35 @@ def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
     durations = (
         ("--resync-interval", "5m", "full check of sources and node files this often"),
         ("--debounce", "200ms", "changes within this long after a pass join the next one"),
-        ("--min-reload-interval", "30s", "at most one containerd restart this often"),
     )
     flags.add_durations(durations)
+
+
+def _add_daemon_pass_flags(flags: _EnvDefaults) -> None:
+    flags.add(
+        "--dry-run", action="store_true", help="log what would change; write and restart nothing"
+    )
+    flags.add("--once", action="store_true", help="one pass, then exit (for debugging)")
+
+
+def _add_restart_pacing_flags(flags: _EnvDefaults) -> None:
+    flags.add_durations(
+        (("--min-reload-interval", "30s", "at most one containerd restart this often"),)
+    )
+
+
+def _add_api_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
+    flags.add(
+        "--kubeconfig",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="how to reach the API (default: in-cluster ServiceAccount, else $KUBECONFIG)",
+    )
     flags.add(
         "--node-name",
         default=environ.get("NODE_NAME") or None,
-        help="this node's name, for Events (also env NODE_NAME)",
-    )
-    flags.add(
-        "--metrics-address",
-        default=defaults.metrics_address,
-        metavar="[HOST]:PORT",
-        help="where /metrics, /healthz and /readyz are served",
+        help="this node's name, for Events and restart slots (also env NODE_NAME)",
     )
     flags.add(
         "--events",
@@ -314,9 +435,6 @@ def _add_daemon_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
         action="store_false",
         help="record no Events (the default without API sources)",
     )
-    flags.add("--once", action="store_true", help="one pass, then exit (for debugging)")
-    _add_restart_flags(flags, environ)
-    _add_stuck_pod_flags(flags)
 
 
 def _add_stuck_pod_flags(flags: _EnvDefaults) -> None:
@@ -332,11 +450,20 @@ def _add_stuck_pod_flags(flags: _EnvDefaults) -> None:
         type=parse_rate,
         default=DaemonSettings().recover_stuck_pods_rate,
         metavar="N",
-        help="at most N evictions a minute on this node (default 10)",
+        help="at most N evictions a minute on this node",
     )
 
 
-def _add_restart_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
+def _add_metrics_flags(flags: _EnvDefaults) -> None:
+    flags.add(
+        "--metrics-address",
+        default=DaemonSettings().metrics_address,
+        metavar="[HOST]:PORT",
+        help="where /metrics, /healthz and /readyz are served",
+    )
+
+
+def _add_restart_slot_flags(flags: _EnvDefaults, environ: Mapping[str, str]) -> None:
     flags.add(
         "--restart-concurrency",
         type=parse_count,
@@ -404,17 +531,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         subcommands.add_parser, formatter_class=_DefaultsHelpFormatter
     )
     reconcile = commands_with_defaults("reconcile", help="one reconcile pass")
-    _add_node_flags(_EnvDefaults(reconcile, environ))
-    _EnvDefaults(reconcile, environ).add(
+    _add_node_flags(reconcile, environ)["node files"].add(
         "--dry-run", action="store_true", help="print a redacted diff; write and restart nothing"
     )
     run = commands_with_defaults(
         "run", help="the per-node daemon: follow the sources, keep the node files in sync"
     )
-    _add_node_flags(_EnvDefaults(run, environ))
-    _add_daemon_flags(_EnvDefaults(run, environ), environ)
+    _add_daemon_flags(run, environ)
     check = commands_with_defaults("check", help="exit 0 if in sync, 3 if not")
-    _add_node_flags(_EnvDefaults(check, environ))
+    _add_node_flags(check, environ)
     demo = subcommands.add_parser("demo", help="run on an embedded sample node tree (no root)")
     demo.add_argument(
         "--dir",
@@ -427,6 +552,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from parsed flags. Raises ValueError for combinations argparse cannot see."""
+    _check_host_root(args.host_root)
     return Settings(
         secret_files=tuple(args.secret_file),
         fallback_secret_files=tuple(args.fallback_secret_file),
@@ -450,6 +576,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log_format=args.log_format,
         log_level=args.log_level,
     )
+
+
+def _check_host_root(host_root: Path) -> None:
+    # A file here would otherwise surface as "Not a directory" on the first node path.
+    if host_root.exists() and not host_root.is_dir():
+        raise ValueError(
+            f"--host-root {printable(str(host_root))} is a file, not a directory: give the "
+            "directory where the node's filesystem is mounted (/ on the node, /host in the "
+            "DaemonSet)"
+        )
 
 
 def _restart_command(mode: str, text: str | None) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from typing import IO, Any, Protocol
 from node_agent.atomic import HOST_ROOT, write_new_file
 from node_agent.cri import CriClient, CriError, RuntimeVersion
 from node_agent.errors import NodeAgentError, RestartFailed
+from node_agent.escaping import bounded
 from node_agent.host_paths import resolved_target
 
 DEFAULT_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
@@ -116,9 +117,7 @@ def _last_line(output: bytes) -> str:
     printable = "".join(char if char.isprintable() else "?" for char in last)
     if not printable:
         return "(no output on stderr)"
-    if len(printable) > _MAX_STDERR_LINE:
-        return printable[:_MAX_STDERR_LINE] + "…"
-    return printable
+    return bounded(printable, _MAX_STDERR_LINE)
 
 
 # --- systemd over D-Bus -------------------------------------------------------------------
@@ -233,7 +232,7 @@ def _dbus_error_text(error: Any) -> str:
     """``Name: message`` of a D-Bus error reply, capped: the text comes from another process."""
     detail = error.data[0] if error.data and isinstance(error.data[0], str) else ""
     text = f"{error.name}: {detail}" if detail else str(error.name)
-    return text[:_MAX_DBUS_MESSAGE]
+    return bounded(text, _MAX_DBUS_MESSAGE)
 
 
 # --- a request to a systemd path unit on the host -------------------------------------------

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from node_agent.errors import InvalidCredentials
-from node_agent.escaping import shown_key
+from node_agent.errors import InvalidCredentials, json_position
+from node_agent.escaping import bounded, printable, shown_key
 
 #: The one name the agent uses for Docker Hub, whatever alias a Secret spells it with.
 DOCKER_HUB = "docker.io"
@@ -23,10 +23,13 @@ DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.dock
 
 SECRET_TYPE_DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
 SECRET_TYPE_DOCKERCFG = "kubernetes.io/dockercfg"
+SECRET_TYPE_OPAQUE = "Opaque"
 SECRET_KEY_BY_TYPE = {
     SECRET_TYPE_DOCKERCONFIGJSON: ".dockerconfigjson",
     SECRET_TYPE_DOCKERCFG: ".dockercfg",
 }
+#: How much of a Secret's `type` an error shows (it is the Secret author's text).
+_TYPE_DISPLAY_LIMIT = 80
 
 # host[:port] after scheme and path are gone: DNS labels (kubelet also allows `*` labels),
 # an IPv4 address, or a bracketed IPv6 address.
@@ -84,29 +87,38 @@ def normalise_registry(key: str) -> str:
     return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
 
 
-def parse_document(source: str, raw: bytes) -> Credentials:
+def parse_document(source: str, raw: bytes, warnings: list[str] | None = None) -> Credentials:
     """Credentials from any document a `--secret-file` may hold: a `.dockerconfigjson`
-    document, a legacy `.dockercfg` document, or a Secret manifest (YAML or JSON)."""
+    document, a legacy `.dockercfg` document, or a Secret manifest (YAML or JSON). What is
+    accepted but probably a mistake is appended to `warnings`."""
     document = _load_json_or_yaml(source, raw)
     if not isinstance(document, dict):
         raise InvalidCredentials(source, "document", "expected a JSON or YAML object")
     if "kind" in document or "apiVersion" in document:
-        return parse_secret_manifest(source, document)
+        return parse_secret_manifest(source, document, warnings)
     return parse_docker_config(source, document)
 
 
-def parse_secret_manifest(source: str, manifest: Mapping[str, Any]) -> Credentials:
+def parse_secret_manifest(
+    source: str, manifest: Mapping[str, Any], warnings: list[str] | None = None
+) -> Credentials:
     """Credentials from a Kubernetes Secret object (manifest or API object as a dict)."""
     if manifest.get("kind") != "Secret":
         raise InvalidCredentials(source, "kind", "expected a Secret")
-    key = _key_for_type(source, manifest.get("type"))
+    keys = {*_map_keys(manifest.get("data")), *_map_keys(manifest.get("stringData"))}
+    key = _key_for_type(source, manifest.get("type"), keys, warnings)
     return parse_secret_payload(source, key, _secret_payload(source, manifest, key))
 
 
-def parse_secret_data(source: str, secret_type: str, data: Mapping[str, bytes]) -> Credentials:
+def parse_secret_data(
+    source: str,
+    secret_type: str,
+    data: Mapping[str, bytes],
+    warnings: list[str] | None = None,
+) -> Credentials:
     """Credentials from a Secret's type and its data, already decoded (what the API gives a
     watcher once base64 is undone)."""
-    key = _key_for_type(source, secret_type)
+    key = _key_for_type(source, secret_type, set(data), warnings)
     if key not in data:
         raise InvalidCredentials(source, f"data.{key}", "missing")
     return parse_secret_payload(source, key, data[key])
@@ -120,15 +132,43 @@ def parse_secret_payload(source: str, key: str, payload: bytes) -> Credentials:
     return parse_dockercfg(f"{source} {key}", document)
 
 
-def _key_for_type(source: str, secret_type: object) -> str:
+def _key_for_type(
+    source: str, secret_type: object, keys: set[str], warnings: list[str] | None
+) -> str:
+    """The data key a Secret of `secret_type` keeps its document under. An Opaque Secret
+    with a `.dockerconfigjson` key is read as one (said in `warnings`): the content is what
+    matters, and `kubectl create secret generic --from-file=.dockerconfigjson=...` without
+    `--type` is an easy slip."""
     key = SECRET_KEY_BY_TYPE.get(secret_type) if isinstance(secret_type, str) else None
-    if key is None:
-        raise InvalidCredentials(
-            source,
-            "type",
-            f"expected {SECRET_TYPE_DOCKERCONFIGJSON} or {SECRET_TYPE_DOCKERCFG}",
-        )
-    return key
+    if key is not None:
+        return key
+    dockerconfigjson = SECRET_KEY_BY_TYPE[SECRET_TYPE_DOCKERCONFIGJSON]
+    if secret_type == SECRET_TYPE_OPAQUE and dockerconfigjson in keys:
+        if warnings is not None:
+            warnings.append(
+                f"{source}: type: {SECRET_TYPE_OPAQUE}, read as {SECRET_TYPE_DOCKERCONFIGJSON} "
+                f"for its {dockerconfigjson} key; give it that type (kubectl create secret "
+                "docker-registry, or --type=kubernetes.io/dockerconfigjson)"
+            )
+        return dockerconfigjson
+    raise InvalidCredentials(source, "type", _wrong_type(secret_type))
+
+
+def _wrong_type(secret_type: object) -> str:
+    found = (
+        f"found {bounded(printable(secret_type), _TYPE_DISPLAY_LIMIT)}"
+        if isinstance(secret_type, str)
+        else "no type"
+    )
+    return (
+        f"{found}; expected {SECRET_TYPE_DOCKERCONFIGJSON} or {SECRET_TYPE_DOCKERCFG}: "
+        "create it with kubectl create secret docker-registry NAME --docker-server=... "
+        "--docker-username=... --docker-password=..."
+    )
+
+
+def _map_keys(value: object) -> list[str]:
+    return [key for key in value if isinstance(key, str)] if isinstance(value, dict) else []
 
 
 def parse_docker_config(source: str, document: Mapping[str, Any]) -> Credentials:
@@ -291,17 +331,27 @@ def decode_secret_value(source: str, field_path: str, value: Any) -> bytes:
 def _load_json(source: str, field_path: str, raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidCredentials(source, field_path, "not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        problem = f"not valid JSON{json_position(error)}"
+        raise InvalidCredentials(source, field_path, problem) from None
 
 
 def _load_json_or_yaml(source: str, raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        pass
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        as_json = json_position(error)
     try:
         # YAML is a superset of JSON; JSON first only because it is faster and stricter.
         return yaml.safe_load(raw)
-    except (yaml.YAMLError, RecursionError):
-        raise InvalidCredentials(source, "document", "neither valid JSON nor YAML") from None
+    except (yaml.YAMLError, RecursionError) as error:
+        problem = f"neither valid JSON{as_json} nor YAML{_yaml_position(error)}"
+        raise InvalidCredentials(source, "document", problem) from None
+
+
+def _yaml_position(error: BaseException) -> str:
+    """Like `json_position`, for PyYAML (whose marks count from 0)."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return ""
+    return f" (line {mark.line + 1}, column {mark.column + 1})"

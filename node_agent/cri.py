@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from node_agent.escaping import bounded
+
 # --- protobuf wire format -------------------------------------------------------------------
 
 WIRE_VARINT = 0
@@ -208,9 +210,7 @@ def scrub(text: str, secrets: tuple[str, ...]) -> str:
     # Longest first, so a secret that contains another one is replaced whole.
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, _REDACTED)
-    if len(text) > _MAX_DETAIL_CHARS:
-        text = text[:_MAX_DETAIL_CHARS] + "…"
-    return text
+    return bounded(text, _MAX_DETAIL_CHARS)
 
 
 def _socket_target(socket_path: str) -> str:

@@ -4,6 +4,7 @@ No message ever contains a credential value: callers pass registry names, source
 and field names only.
 """
 
+import json
 import logging
 import traceback
 
@@ -48,6 +49,14 @@ class RestartFailed(NodeAgentError):
 class InternalError(NodeAgentError):
     """An exception the agent did not expect: a bug. The message says what the agent was
     doing; where it happened is logged at debug level."""
+
+
+def json_position(error: BaseException) -> str:
+    """Where a JSON document stopped parsing, as ` (line L, column C)`, or "" when unknown.
+    Only the position: the parser's message may quote the text (a password, say)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f" (line {error.lineno}, column {error.colno})"
+    return ""
 
 
 def unexpected(error: BaseException, *, doing: str) -> InternalError:

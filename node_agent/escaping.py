@@ -48,3 +48,15 @@ def shown_key(key: str) -> str:
     if len(shown) > KEY_DISPLAY_LIMIT:
         return shown[: KEY_DISPLAY_LIMIT - 1] + "…"
     return shown
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters: a longer one is cut at a word boundary (mid-word
+    only when there is none in the second half) and ends saying how much was left out,
+    `... …(812 more characters)`. `limit` must leave room for that note (~25 characters)."""
+    if len(text) <= limit:
+        return text
+    room = max(limit - len(f" …({len(text)} more characters)"), 1)
+    cut = text.rfind(" ", 0, room + 1)
+    kept = text[: cut if cut > room // 2 else room].rstrip()
+    return f"{kept} …({len(text) - len(kept)} more characters)"

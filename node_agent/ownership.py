@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from node_agent.atomic import HOST_ROOT, remove_stale_temps, write_new_file
-from node_agent.errors import UnsupportedConfig, WriteFailed
+from node_agent.errors import UnsupportedConfig, WriteFailed, json_position
 from node_agent.host_paths import open_directory_no_follow, resolved_target
 from node_agent.plan import Owned
 
@@ -131,8 +131,9 @@ def _decode(path: str, raw: bytes) -> AgentState:
     # guess, since a wrong guess deletes or keeps someone else's credentials.
     try:
         document: Any = json.loads(raw)
-    except ValueError:
-        raise UnsupportedConfig(path, "state file is not valid JSON; fix or remove it") from None
+    except ValueError as error:
+        problem = f"state file is not valid JSON{json_position(error)}; fix or remove it"
+        raise UnsupportedConfig(path, problem) from None
     if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
         raise UnsupportedConfig(path, f"state file is not version {STATE_VERSION}")
     owned = document.get("owned", {})

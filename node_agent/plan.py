@@ -1,7 +1,7 @@
 """What to change in one node file: pure comparison of (current entries, desired entries,
 what the agent owns). No I/O.
 
-Ownership rules (README "Ownership"):
+Ownership rules (docs/reliability.md "Ownership"):
 - a desired key the agent does not own yet is taken over; whatever the file held there is
   remembered as `previous` (None when the key was absent);
 - an owned key that is no longer desired gets its `previous` value back (or is removed);

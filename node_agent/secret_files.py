@@ -5,11 +5,14 @@ A `--secret-file` path is a docker config document, a Secret manifest, or a dire
 is a mounted Secret volume (kubelet publishes its keys as files, swapped through `..data`).
 """
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from node_agent.credentials import Credentials, merge_by_priority, parse_document
 from node_agent.errors import InvalidCredentials
+
+log = logging.getLogger(__name__)
 
 #: Secret volume keys, in the order they are looked for.
 SECRET_VOLUME_KEYS = (".dockerconfigjson", ".dockercfg")
@@ -34,8 +37,13 @@ def read_secret_file(path: Path) -> bytes:
 
 
 def load_secret_file(path: Path) -> Credentials:
-    """Credentials from one `--secret-file` path. Raises InvalidCredentials."""
-    return parse_document(str(path), read_secret_file(path))
+    """Credentials from one `--secret-file` path; what is accepted but probably a mistake is
+    logged as a warning. Raises InvalidCredentials."""
+    warnings: list[str] = []
+    credentials = parse_document(str(path), read_secret_file(path), warnings)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return credentials
 
 
 def load_credentials(

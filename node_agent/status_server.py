@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
+from node_agent.escaping import bounded
 from node_agent.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class Health:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())[:_REASON_LIMIT]
+    return bounded(" ".join(text.split()), _REASON_LIMIT)
 
 
 @dataclass(frozen=True)

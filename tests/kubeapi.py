@@ -163,6 +163,7 @@ class _Fault:
     code: int
     remaining: int | None  # None: until clear_faults()
     verb: str | None
+    message: str | None = None  # the Status message; None: one like the real server's
 
 
 @dataclass(frozen=True)
@@ -1172,11 +1173,19 @@ class KubeApiServer:
 
     # faults, for tests
 
-    def fail_next(self, code: int, *, times: int | None = 1, verb: str | None = None) -> None:
+    def fail_next(
+        self,
+        code: int,
+        *,
+        times: int | None = 1,
+        verb: str | None = None,
+        message: str | None = None,
+    ) -> None:
         """Answer the next `times` requests (of `verb`, if given) with `code`; None: until
-        `clear_faults()`. A watch failing with 410 gets it as an ERROR event, like the real one."""
+        `clear_faults()`. A watch failing with 410 gets it as an ERROR event, like the real one.
+        `message`: the Status message instead of one like the real server's."""
         with self._lock:
-            self._faults.append(_Fault(code, times, verb))
+            self._faults.append(_Fault(code, times, verb, message))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -1244,7 +1253,7 @@ class KubeApiServer:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)
-        raise ApiError(fault.code, _fault_message(fault.code, verb, kind))
+        raise ApiError(fault.code, fault.message or _fault_message(fault.code, verb, kind))
 
     def _evict(self, namespace: str, name: str) -> JsonObject:
         """The eviction subresource: 429 while refusals are left, else the pod is deleted

@@ -8,23 +8,20 @@ misspelt metric or label value is valid PromQL that never fires.
 import re
 import shutil
 import subprocess
-import sys
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
-
-from node_agent.metrics import TARGETS, AgentMetrics
+from support.markdown import anchors
+from support.promql import Selector, exported_series, promtool, selectors
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "daemonset" / "monitoring"
 RULE_FILE = MONITORING / "prometheusrule.yaml"
 POD_MONITOR = MONITORING / "podmonitor.yaml"
 UNIT_TESTS = MONITORING / "tests" / "alerts.test.yaml"
+RUNBOOKS = REPO / "docs" / "runbooks.md"
 RULES_NAME = "node-agent.rules.yaml"  # the rule file the unit tests load (`rule_files`)
 
 # What issues 3 and 6 ask alerts for, and the alerts that answer them.
@@ -58,7 +55,6 @@ TARGET_LABELS = {"job", "node", "instance"}
 # Agent labels whose values are configuration (Secret names, file paths), not a fixed set.
 FREE_LABELS = {"source"}
 JOB = "node-agent"
-SOURCE = "node-agent/registry-credentials"
 
 
 def rules() -> list[dict[str, Any]]:
@@ -75,13 +71,6 @@ def unit_tests() -> dict[str, Any]:
     return document
 
 
-def promtool() -> str:
-    path = shutil.which("promtool") or str(Path(sys.executable).parent / "promtool")
-    if not Path(path).exists():
-        pytest.skip("promtool not found (Debian package prometheus; .ci/install-system-deps.sh)")
-    return path
-
-
 @pytest.fixture
 def rule_dir(tmp_path: Path) -> Path:
     """The PrometheusRule's `spec` as a plain Prometheus rule file, beside the unit tests."""
@@ -94,75 +83,21 @@ def rule_dir(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- reading PromQL
 
 
-@dataclass(frozen=True)
-class Selector:
-    """A series selector in an expression: metric name and label matchers."""
-
-    metric: str
-    matchers: tuple[tuple[str, str, str], ...] = ()  # (label, operator, value)
-
-
-_BRACED = re.compile(r"(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)?\s*\{(?P<matchers>[^}]*)\}")
-_MATCHER = re.compile(
-    r'(?P<label>[A-Za-z_]\w*)\s*(?P<op>=~|!~|!=|=)\s*"(?P<value>(?:[^"\\]|\\.)*)"'
-)
-_CLAUSE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_IDENTIFIER = re.compile(r"(?<![\w.:])[A-Za-z_:][A-Za-z0-9_:]*(?P<call>\s*\()?")
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
-
-
-def selectors(expr: str) -> list[Selector]:
-    """Every series selector in a PromQL expression (names with and without braces); function
-    names, grouping clauses, ranges and keywords are not selectors."""
-    found: list[Selector] = []
-
-    def braced(match: re.Match[str]) -> str:
-        matchers = tuple(
-            (m["label"], m["op"], m["value"]) for m in _MATCHER.finditer(match["matchers"])
-        )
-        name = match["name"] if (match["name"] or "and").lower() not in _KEYWORDS else ""
-        name = name or next((v for k, _, v in matchers if k == "__name__"), "")
-        found.append(Selector(name, tuple(m for m in matchers if m[0] != "__name__")))
-        return " "
-
-    rest = _BRACED.sub(braced, expr)
-    rest = re.sub(r"\[[^\]]*\]", " ", rest)
-    rest = _CLAUSE.sub(" ", rest)
-    for match in _IDENTIFIER.finditer(rest):
-        if not match["call"] and match[0].lower() not in _KEYWORDS:
-            found.append(Selector(match[0]))
-    return found
-
-
 def test_selectors_are_read_the_way_prometheus_reads_them() -> None:
     expr = (
         'sum by (node) (increase(a_total{job="x", result=~"p|q"}[5m] offset 1m)) > 2 '
-        'unless on(node) b == bool 0 or {__name__="c", k!="v"}'
+        'unless on(node) b == bool 0 or {__name__="c", k!="v"} '
+        'or label_replace(d, "dst", "$1", "src", "(e_f)")'
     )
     assert selectors(expr) == [
         Selector("a_total", (("job", "=", "x"), ("result", "=~", "p|q"))),
         Selector("c", (("k", "!=", "v"),)),
         Selector("b"),
+        Selector("d"),
     ]
 
 
 # --------------------------------------------------------------------------- the agent's series
-
-
-def exported_series() -> tuple[set[str], dict[str, dict[str, set[str]]]]:
-    """The agent's sample names (`metric_names()`, so `_total`, `_bucket`... included) and,
-    per sample name, each label with the values it takes — with every target and one API
-    source configured, the agent creates every label set it will ever use up front."""
-    metrics = AgentMetrics(CollectorRegistry())
-    metrics.add_targets(TARGETS)
-    metrics.add_sources([SOURCE])
-    labels: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            series = labels[sample.name]  # created even for a sample without labels
-            for label, value in sample.labels.items():
-                series[label].add(value)
-    return metrics.metric_names(), labels
 
 
 def rule_selectors() -> list[tuple[str, Selector]]:
@@ -219,7 +154,7 @@ def test_the_alerts_are_the_ones_the_issue_asks_for() -> None:
 def test_every_alert_has_a_severity_a_summary_and_a_description() -> None:
     for rule in rules():
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
-        assert set(rule["annotations"]) == {"summary", "description"}, rule["alert"]
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}, rule["alert"]
 
 
 def test_promtool_accepts_the_rules(rule_dir: Path) -> None:
@@ -257,9 +192,24 @@ def test_a_healthy_cluster_is_shown_to_raise_no_alert_at_all() -> None:
     assert quiet == alert_names()
 
 
-def test_the_readme_says_what_each_alert_means_and_what_to_do() -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.partition("\n## Install on a cluster\n")[2].partition("\n## ")[0]
-    assert section, "README.md has no '## Install on a cluster' section"
+def test_every_alert_links_its_own_runbook_section_and_the_section_exists() -> None:
+    found = anchors(RUNBOOKS.read_text())
+    for rule in rules():
+        page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert page == RUNBOOKS.relative_to(REPO).as_posix(), rule["alert"]
+        assert anchor == rule["alert"].lower(), f"{rule['alert']}: links another alert's runbook"
+        assert anchor in found, f"{rule['alert']}: docs/runbooks.md has no #{anchor}"
+
+
+def test_each_runbook_says_what_the_alert_means_how_to_confirm_it_and_what_to_do() -> None:
+    text = RUNBOOKS.read_text()
     for alert in alert_names():
-        assert f"`{alert}`" in section, f"README: {alert} is not explained"
+        section = text.partition(f"\n## {alert}\n")[2].partition("\n## ")[0]
+        assert section, f"docs/runbooks.md: no section for {alert}"
+        for part in ("**Means.**", "**Confirm.**", "**Do.**"):
+            assert part in section, f"docs/runbooks.md, {alert}: no {part}"
+
+
+def test_every_runbook_section_belongs_to_an_alert_that_exists() -> None:
+    sections = set(re.findall(r"^## (\S+)$", RUNBOOKS.read_text(), flags=re.MULTILINE))
+    assert sections == alert_names()

@@ -311,7 +311,12 @@ INVALID_SECRETS: dict[str, tuple[Mapping[str, bytes], str]] = {
     ),
     "wrong key": ({"config.json": b'{"auths": {}}'}, "kubernetes.io/dockerconfigjson"),
     "no data": ({}, "kubernetes.io/dockerconfigjson"),
-    "Opaque": (dockerconfig_data("flip.example", "u", "p"), "Opaque"),
+    # An Opaque Secret is read only for a .dockerconfigjson key; under another key it is
+    # still a Secret of the wrong type.
+    "Opaque": (
+        {"config.json": dockerconfig_data("flip.example", "u", "p")[".dockerconfigjson"]},
+        "Opaque",
+    ),
 }
 
 

@@ -16,9 +16,9 @@ milliseconds), except for permission denied: as root that needs the agent in a c
 CAP_DAC_OVERRIDE (`capsh`), `node-agent run` with its real retry timing and
 `--resync-interval 1s`. Real faults need root (64 KiB tmpfs mounts, bind mounts, chattr,
 capsh); without root those cases skip and the others still run. Symlinks, as documented in
-README "How files are written": a symlinked node file is followed (inside the host root)
-and the link kept; a link to nothing (into a missing directory too), a loop, a link to a
-directory or to /dev/null is refused.
+docs/reliability.md "How files are written": a symlinked node file is followed (inside the
+host root) and the link kept; a link to nothing (into a missing directory too), a loop, a
+link to a directory or to /dev/null is refused.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ traceback), leave the file it could not write byte-for-byte as it was, leave no 
 behind, and never half-write anything: a file that did change is a complete new version.
 Once the fault is gone, the next run converges.
 
-Decided and documented (README "How files are written"): a symlinked node file is followed
-(inside the host root) and the link kept; a symlink loop, a link to nothing, a directory or a
-FIFO where a node file should be is refused.
+Decided and documented (docs/reliability.md "How files are written"): a symlinked node file
+is followed (inside the host root) and the link kept; a symlink loop, a link to nothing, a
+directory or a FIFO where a node file should be is refused.
 
 Real faults need root (a 64 KiB tmpfs, a read-only bind mount, `chattr +i`, `capsh` to drop
 CAP_DAC_OVERRIDE); without root those cases skip, and pyfakefs and injected `OSError`s

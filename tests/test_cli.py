@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,18 @@ def test_a_host_root_that_does_not_exist_fails_alike_in_a_dry_run_and_creates_no
     assert not host.exists()
 
 
+@pytest.mark.parametrize("command", ["reconcile", "check", "run"])
+def test_a_host_root_that_is_a_file_is_a_usage_error_saying_so(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = secret_file(tmp_path, {"reg.example": {"username": "u", "password": PASSWORD}})
+    host = tmp_path / "host.tar"
+    host.write_text("not a directory")
+    assert run(command, *node_flags(host, secret)) == 2
+    err = capsys.readouterr().err
+    assert f"--host-root {host} is a file, not a directory" in err
+
+
 def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
@@ -262,6 +275,7 @@ def test_help_shows_every_default(command: str, capsys: pytest.CaptureFixture[st
     assert run(command, "--help") == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: systemd)" in text and "(default: /)" in text
+    assert "(default: containerd,kubelet)" in text and "(default: 30s)" in text
     assert "--secret-file" in text and "need one, or a --fallback" in text
     assert "(default: None)" not in text and "(default: False)" not in text
     if command == "run":
@@ -277,3 +291,94 @@ def test_under_json_logs_the_fatal_error_is_a_json_record_too(
     records = [json.loads(line) for line in lines]  # every line, the last one too
     assert records[-1]["level"] == "error" and records[-1]["logger"] == "node_agent"
     assert 'auths["reg.example"].auth: not valid base64' in records[-1]["message"]
+
+
+# The argument groups of `run --help`, in order, and flags each must hold.
+RUN_GROUPS = {
+    "sources": {"--secret-file", "--fallback-secret-file", "--secret", "--fallback-secret"},
+    "node files": {
+        "--containerd-config",
+        "--kubelet-config",
+        "--targets",
+        "--host-root",
+        "--credential-provider-bin-dir",
+        "--credential-provider-config",
+        "--credential-provider-cache-duration",
+        "--credential-provider-match-images",
+    },
+    "restarts": {"--reload", "--reload-command", "--reload-timeout", "--min-reload-interval"},
+    "restart slots": {"--restart-concurrency", "--restart-lease-ttl", "--restart-max-wait"},
+    "API": {"--kubeconfig", "--node-name", "--events", "--no-events"},
+    "stuck pods": {"--recover-stuck-pods", "--recover-stuck-pods-rate"},
+    "observability": {"--log-format", "--log-level", "--metrics-address"},
+}
+
+
+def help_entries(text: str) -> dict[str, dict[str, str]]:
+    """`--help` output as group title → flag → its help text (without env and default)."""
+    groups: dict[str, dict[str, str]] = {}
+    flag = ""
+    for line in text.splitlines():
+        if re.fullmatch(r"[\w ]+:", line):
+            entries = groups.setdefault(line[:-1], {})
+        elif match := re.match(r"  (-[-\w]+)[^ ]*(?: \S+)*?(?:  +(?P<help>.*))?$", line):
+            flag = match[1]
+            entries[flag] = match["help"] or ""
+        elif line.startswith("    ") and flag:
+            entries[flag] += " " + line.strip()
+    for entries in groups.values():
+        for name, help_text in entries.items():
+            bare = re.sub(r"\[env \w+\]|\(default: [^)]*\)", "", help_text)
+            entries[name] = " ".join(bare.split())
+    return groups
+
+
+@pytest.mark.parametrize("command", ["reconcile", "check", "run"])
+def test_every_flag_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(command, "--help") == 0
+    for group, entries in help_entries(capsys.readouterr().out).items():
+        for flag, help_text in entries.items():
+            assert help_text, f"{command} --help: {flag} ({group}) has no help"
+
+
+def test_run_help_groups_its_flags_by_what_they_are_about(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run("run", "--help") == 0
+    groups = help_entries(capsys.readouterr().out)
+    assert [title for title in groups if title not in ("options", "usage")] == list(RUN_GROUPS)
+    for title, flags in RUN_GROUPS.items():
+        assert flags <= groups[title].keys(), f"{title}: {sorted(flags - groups[title].keys())}"
+    assert set(groups["options"]) == {"-h"}, "a flag outside every group"
+
+
+def test_reconcile_help_shows_only_the_groups_it_has_flags_in(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run("reconcile", "--help") == 0
+    groups = help_entries(capsys.readouterr().out)
+    assert [t for t in groups if t != "options"] == [
+        "sources",
+        "node files",
+        "restarts",
+        "observability",
+    ]
+    assert "--dry-run" in groups["node files"]
+
+
+def test_an_opaque_secret_manifest_with_a_dockerconfigjson_key_is_applied_with_a_warning(
+    host: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inner = json.dumps({"auths": {"reg.example": {"username": "u", "password": PASSWORD}}})
+    manifest = tmp_path / "secret.json"
+    manifest.write_text(
+        json.dumps(
+            {"kind": "Secret", "type": "Opaque", "stringData": {".dockerconfigjson": inner}}
+        )
+    )
+    flags = ["--secret-file", str(manifest), "--host-root", str(host), "--reload", "none"]
+    assert run("reconcile", *flags) == 0
+    assert "reg.example" in (host / "var/lib/kubelet/config.json").read_text()
+    err = capsys.readouterr().err
+    assert f"{manifest}: type: Opaque, read as kubernetes.io/dockerconfigjson" in err
+    assert "kubectl create secret docker-registry" in err and PASSWORD not in err

@@ -714,9 +714,10 @@ REFUSED_CASES = [
     (
         "no version (v1 layout)",
         toml('root = "/var/lib/containerd"', "[plugins.cri.registry.auths]"),
-        "no 'version' key",
+        "no 'version' key (containerd v1 layout); refusing to edit; convert it first: "
+        "`containerd config migrate`",
     ),
-    ("version 1", "version = 1\n", "neither 2 nor 3"),
+    ("version 1", "version = 1\n", "'version = 1'; refusing to edit; convert it first: `con"),
     ("version as a string", 'version = "2"\n', "neither 2 nor 3"),
     (
         "unparseable TOML",

@@ -15,6 +15,7 @@ from node_agent.credentials import (
     merge_by_priority,
     normalise_registry,
     parse_document,
+    parse_secret_data,
 )
 from node_agent.errors import InvalidCredentials
 from node_agent.secret_files import load_credentials, load_secret_file
@@ -111,6 +112,68 @@ def test_secret_manifest_with_string_data_and_legacy_type() -> None:
     }
 
 
+def opaque_manifest(data: dict[str, str], *, field: str = "data") -> bytes:
+    return json.dumps(
+        {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", field: data}
+    ).encode()
+
+
+@pytest.mark.parametrize("field", ["data", "stringData"])
+def test_an_opaque_secret_with_a_dockerconfigjson_key_is_read_with_a_warning(field: str) -> None:
+    inner = dockerconfigjson({"reg.example": {"auth": b64(f"u:{PASSWORD}")}}).decode()
+    value = b64(inner) if field == "data" else inner
+    warnings: list[str] = []
+    parsed = parse_document(
+        "s.yaml", opaque_manifest({".dockerconfigjson": value}, field=field), warnings
+    )
+    assert parsed == {"reg.example": RegistryAuth("u", PASSWORD)}
+    (warning,) = warnings
+    assert warning.startswith("s.yaml: type: Opaque, read as kubernetes.io/dockerconfigjson")
+    assert "kubectl create secret docker-registry" in warning and PASSWORD not in warning
+
+
+def test_an_opaque_secret_from_the_api_with_a_dockerconfigjson_key_is_read_with_a_warning() -> None:
+    inner = dockerconfigjson({"reg.example": {"username": "u", "password": PASSWORD}})
+    warnings: list[str] = []
+    parsed = parse_secret_data("ns/name", "Opaque", {".dockerconfigjson": inner}, warnings)
+    assert parsed == {"reg.example": RegistryAuth("u", PASSWORD)}
+    assert len(warnings) == 1 and warnings[0].startswith("ns/name: type: Opaque")
+
+
+@pytest.mark.parametrize(
+    ("secret_type", "data"),
+    [
+        ("Opaque", {"config.json": dockerconfigjson({})}),  # the document under another key
+        ("Opaque", {".dockercfg": b"{}"}),  # only .dockerconfigjson is taken for its type
+        ("kubernetes.io/basic-auth", {".dockerconfigjson": dockerconfigjson({})}),
+    ],
+)
+def test_a_secret_of_another_type_is_invalid_showing_the_type_and_how_to_create_one(
+    secret_type: str, data: dict[str, bytes]
+) -> None:
+    with pytest.raises(InvalidCredentials) as caught:
+        parse_secret_data("ns/name", secret_type, data, [])
+    assert caught.value.field == "type"
+    assert caught.value.problem.startswith(f"found {secret_type}; expected ")
+    assert "kubectl create secret docker-registry" in caught.value.problem
+
+
+def test_a_manifest_without_a_type_says_so() -> None:
+    manifest = {"apiVersion": "v1", "kind": "Secret", "data": {}}
+    with pytest.raises(InvalidCredentials, match=r"type: no type; expected "):
+        parse_document("s.yaml", json.dumps(manifest).encode())
+
+
+def test_a_hostile_type_is_shown_escaped_and_bounded() -> None:
+    secret_type = "x\x1b[31m\n" + "word " * 100
+    with pytest.raises(InvalidCredentials) as caught:
+        parse_secret_data("ns/name", secret_type, {})
+    message = str(caught.value)
+    assert "\x1b" not in message and "\n" not in message
+    assert r"found x\x1b[31m\nword word" in message
+    assert "more characters)" in message and len(message) < 400
+
+
 def test_docker_hub_aliases_are_one_registry() -> None:
     raw = dockerconfigjson(
         {
@@ -139,7 +202,21 @@ def test_higher_priority_source_wins_and_lower_ones_only_add() -> None:
 
 
 BAD_INPUT = [
-    ("not a document", b"{not json: [", "document", "neither valid JSON nor YAML"),
+    (
+        "not a document",
+        b"{not json: [",
+        "document",
+        "neither valid JSON (line 1, column 2) nor YAML (line 1, column 13)",
+    ),
+    (
+        "a Secret's JSON broken on line 3",
+        b'{"kind": "Secret", "type": "kubernetes.io/dockerconfigjson",\n'
+        b'  "data": {".dockerconfigjson": "'
+        + base64.b64encode(b'{"auths":\n{\n"r": 1,,}}')
+        + b'"}}',
+        ".dockerconfigjson",
+        "not valid JSON (line 3, column 8)",
+    ),
     ("a list", b"[1, 2]", "document", "expected a JSON or YAML object"),
     ("auths not a map", b'{"auths": []}', "auths", "expected a map"),
     ("entry not an object", b'{"auths": {"r.example": "x"}}', 'auths["r.example"]', "object"),
@@ -179,7 +256,7 @@ BAD_INPUT = [
         "base64",
     ),
     ("not a Secret", b'{"kind": "ConfigMap", "data": {}}', "kind", "expected a Secret"),
-    ("deep nesting", b"[" * 100000, "document", "neither valid JSON nor YAML"),
+    ("deep nesting", b"[" * 100000, "document", "neither valid JSON"),
 ]
 
 

@@ -226,6 +226,30 @@ def test_a_secret_invalid_from_the_start_is_never_merged_as_empty() -> None:
     assert sources.waiting_for() == [str(SECRET)]
 
 
+def test_an_opaque_secret_with_a_dockerconfigjson_key_is_used_and_warned_about_once_per_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sources = CredentialSources(secrets=[SECRET])
+    opaque = SecretSnapshot(
+        SecretContent("Opaque", {".dockerconfigjson": auths(a_example="pw")}), "1"
+    )
+    with caplog.at_level("WARNING"):
+        assert sources.apply_secret(SECRET, opaque).credentials_changed
+        sources.apply_secret(SECRET, SecretSnapshot(opaque.content, "2"))  # a relist: same
+    assert sources.merged() == {"a.example": RegistryAuth("puller", "pw")}
+    assert sources.problems() == {}
+    (warning,) = [r.getMessage() for r in caplog.records if "Opaque" in r.getMessage()]
+    assert warning.startswith(f"{SECRET}: type: Opaque, read as kubernetes.io/dockerconfigjson")
+
+
+def test_an_opaque_secret_without_a_dockerconfigjson_key_is_invalid() -> None:
+    sources = CredentialSources(secrets=[SECRET])
+    content = SecretContent("Opaque", {"config.json": auths(a_example="pw")})
+    change = sources.apply_secret(SECRET, SecretSnapshot(content, "1"))
+    assert change.new_problem is not None and "type: found Opaque; expected" in change.new_problem
+    assert sources.merged() is None
+
+
 @pytest.mark.parametrize(("on_delete", "after"), [("remove", set()), ("keep", {"a.example"})])
 def test_a_confirmed_deletion_removes_or_keeps(on_delete: str, after: set[str]) -> None:
     sources = CredentialSources(secrets=[SECRET], on_delete=on_delete)

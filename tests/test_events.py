@@ -230,12 +230,17 @@ def test_the_cache_of_posted_events_is_bounded_least_recently_used_first(
     assert counts == [("a", 3), ("b", 1), ("b", 1), ("c", 1)]
 
 
-def test_a_long_message_is_shortened(kube_api: KubeApiServer, recorder: NodeEventRecorder) -> None:
+def test_a_long_message_is_cut_at_a_word_within_1024_characters_saying_how_much_is_left_out(
+    kube_api: KubeApiServer, recorder: NodeEventRecorder
+) -> None:
     recorder.record(APPLIED, "registry.example.com " * 200)
     assert recorder.flush()
 
     (event,) = kube_api.events("default")
-    assert len(event["message"]) == 1024
+    shown, _, note = event["message"].partition(" …(")
+    assert len(event["message"]) <= 1024
+    assert set(shown.split()) == {"registry.example.com"}
+    assert note == f"{len('registry.example.com ' * 200) - len(shown)} more characters)"
 
 
 def test_close_delivers_what_is_queued_and_later_events_are_dropped(

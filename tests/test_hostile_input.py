@@ -16,7 +16,7 @@ import pytest
 from node_agent.cli import main
 from node_agent.credentials import parse_document
 from node_agent.errors import InvalidCredentials
-from node_agent.escaping import printable, shown_key, without_userinfo
+from node_agent.escaping import bounded, printable, shown_key, without_userinfo
 from node_agent.logs import JsonFormatter, TextFormatter
 from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
@@ -175,6 +175,23 @@ def test_control_characters_in_a_key_are_escaped_in_the_one_error_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\r" not in err and "\x1b" not in err
     assert printable(shown_key(key)) in err
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "shown"),
+    [
+        ("short enough", 12, "short enough"),
+        ("cut at the last word that fits in", 32, "cut at the …(23 more characters)"),
+        ("trailing   spaces   go" + "x" * 20, 34, "trailing …(34 more characters)"),
+        ("one-very-long-word-without-spaces", 32, "one-very-l …(23 more characters)"),
+        ("a " + "x" * 30, 31, "a xxxxxxx …(23 more characters)"),  # no space in the 2nd half
+    ],
+)
+def test_long_text_is_cut_at_a_word_saying_how_much_was_left_out(
+    text: str, limit: int, shown: str
+) -> None:
+    assert bounded(text, limit) == shown
+    assert len(shown) <= limit
 
 
 def test_text_log_lines_escape_control_characters() -> None:

@@ -68,7 +68,8 @@ def test_entries_are_read_by_file_key() -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("{", "not valid JSON"),
+        ("{", "not valid JSON (line 1, column 2)"),
+        ('{\n  "auths": {\n    "r": {"auth": "SECRET",}\n  }\n}', "(line 3, column 28)"),
         ("[]", "not a JSON object"),
         ('{"auths": []}', "'auths' is not an object"),
         ('{"auths": {"r": 1}}', 'auths["r"] is not an object'),

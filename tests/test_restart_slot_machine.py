@@ -1,6 +1,6 @@
 """The restart slot's lifecycle (node_agent/restart_slots/machine.py) as a table: every state
-and event, what the slot becomes and what must be done. README "Fleet-safe containerd
-restarts" draws the same machine; the last test checks that the drawing is the table."""
+and event, what the slot becomes and what must be done. docs/restart-slots.md
+draws the same machine; the last test checks that the drawing is the table."""
 
 import re
 from pathlib import Path
@@ -20,7 +20,7 @@ from node_agent.restart_slots.machine import (
     transition,
 )
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DRAWING = Path(__file__).resolve().parents[1] / "docs" / "restart-slots.md"
 NOW = 100.0
 SETTLE = 5.0
 
@@ -170,10 +170,10 @@ def test_every_state_meets_every_event_in_the_table() -> None:
         assert after.state in (state, SETTLING, IDLE), (state, kind)
 
 
-def readme_edges() -> set[tuple[str, str, str]]:
-    text = README.read_text()
+def drawn_edges() -> set[tuple[str, str, str]]:
+    text = DRAWING.read_text()
     block = re.search(r"```mermaid\nstateDiagram-v2\n(.*?)```", text, re.S)
-    assert block is not None, "README has no stateDiagram-v2 block"
+    assert block is not None, "docs/restart-slots.md has no stateDiagram-v2 block"
     edges = set()
     for line in block.group(1).splitlines():
         if match := re.fullmatch(r"\s*(\[\*\]|\w+) --> (\w+) : (.+)", line):
@@ -181,10 +181,10 @@ def readme_edges() -> set[tuple[str, str, str]]:
     return edges
 
 
-def test_the_readme_draws_exactly_the_labelled_rows_of_the_table() -> None:
+def test_the_docs_draw_exactly_the_labelled_rows_of_the_table() -> None:
     drawn = {
         (row[1].state.value, row[3].state.value, row[0].strip())
         for row in TABLE
         if row[0]
     }
-    assert readme_edges() == drawn
+    assert drawn_edges() == drawn

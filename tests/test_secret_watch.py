@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -428,6 +429,26 @@ def test_forbidden_is_reported_clearly_and_deletes_nothing(
     kube_api.clear_faults()  # RBAC fixed: no restart needed
     seen.wait_for(lambda s: len(s.snapshots) == 1)
     assert seen.states == [PASSWORD_1]
+
+
+def test_a_long_api_message_is_cut_at_a_word_saying_how_much_was_left_out(
+    kube_api: KubeApiServer, follow: Follow, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube_api.create_secret(NS, NAME, {".dockerconfigjson": PASSWORD_1})
+    words = " ".join(f"word{i}" for i in range(200))  # 1,289 characters
+    kube_api.fail_next(500, times=None, message=f"etcdserver: {words} last-word")
+
+    follow().seen.wait_for(lambda s: len(s.errors) >= 1)
+
+    line = next(r.getMessage() for r in caplog.records if "etcdserver" in r.getMessage())
+    shown = line.partition("etcdserver: ")[2].partition(" …(")[0]
+    assert shown and all(re.fullmatch(r"word\d+", word) for word in shown.split())
+    left_out = int(line.partition(" …(")[2].partition(" more characters)")[0])
+    assert len("etcdserver: ") + len(shown) + left_out == len(
+        f"etcdserver: {words} last-word"
+    )
+    assert "last-word" not in line
+    kube_api.clear_faults()
 
 
 def test_losing_watch_permission_keeps_the_last_state(

@@ -66,10 +66,12 @@ class _Source:
     """Of the bytes last read (files only): unchanged bytes are not parsed again."""
 
 
-def credentials_from_secret(ref: ObjectRef, content: SecretContent) -> Credentials:
+def credentials_from_secret(
+    ref: ObjectRef, content: SecretContent, warnings: list[str] | None = None
+) -> Credentials:
     """The credentials in a Secret's content, validated like a Secret manifest. Raises
     InvalidCredentials naming the Secret and the field, never a value."""
-    return parse_secret_data(str(ref), content.type, content.data)
+    return parse_secret_data(str(ref), content.type, content.data, warnings)
 
 
 class CredentialSources:
@@ -113,11 +115,12 @@ class CredentialSources:
         """Take what the API confirmed about an API source."""
         if snapshot.content is None:
             return self._deleted(str(ref))
+        warnings: list[str] = []
         try:
-            credentials = credentials_from_secret(ref, snapshot.content)
+            credentials = credentials_from_secret(ref, snapshot.content, warnings)
         except InvalidCredentials as invalid:
             return self._invalid(str(ref), str(invalid))
-        return self._valid(str(ref), credentials)
+        return self._valid(str(ref), credentials, warnings=warnings)
 
     def refresh_files(self) -> list[SourceChange]:
         """Read every file source again; only the ones that changed are returned."""
@@ -156,14 +159,19 @@ class CredentialSources:
         with self._lock:
             if digest == self._sources[name].digest:
                 return SourceChange(name, credentials_changed=False)
+        warnings: list[str] = []
         try:
-            credentials = parse_document(name, raw)
+            credentials = parse_document(name, raw, warnings)
         except InvalidCredentials as invalid:
             return self._invalid(name, str(invalid), digest=digest)
-        return self._valid(name, credentials, digest=digest)
+        return self._valid(name, credentials, digest=digest, warnings=warnings)
 
     def _valid(
-        self, name: str, credentials: Credentials, digest: bytes | None = None
+        self,
+        name: str,
+        credentials: Credentials,
+        digest: bytes | None = None,
+        warnings: Sequence[str] = (),
     ) -> SourceChange:
         with self._lock:
             source = self._sources[name]
@@ -172,6 +180,9 @@ class CredentialSources:
             source.credentials, source.problem, source.digest = credentials, None, digest
         if recovered:
             log.info("source %s: valid again", name)
+        if changed or recovered:  # once per change, not on every relist or resync
+            for warning in warnings:
+                log.warning("%s", warning)
         return SourceChange(name, credentials_changed=changed, recovered=recovered)
 
     def _invalid(self, name: str, problem: str, digest: bytes | None = None) -> SourceChange:

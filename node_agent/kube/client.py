@@ -39,6 +39,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from node_agent.errors import NodeAgentError
+from node_agent.escaping import bounded
 from node_agent.kube.errors import (
     ApiConflict,
     ApiForbidden,
@@ -53,7 +54,9 @@ from node_agent.kube.model import ObjectList, ObjectRef, RequestTimeout, WatchEv
 log = logging.getLogger(__name__)
 
 _IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
-_STATUS_MESSAGE_LIMIT = 200
+# Enough for urllib3's longest words (host, URL, then the cause at the end); longer text is
+# cut at a word boundary, saying how much was left out.
+_STATUS_MESSAGE_LIMIT = 500
 # Merge patch, not the client's default (JSON patch): the body is a partial object.
 _MERGE_PATCH = "application/merge-patch+json"
 #: How a cluster-wide list names its scope in errors.
@@ -416,7 +419,7 @@ def _lease_errors(ref: ObjectRef, verb: str) -> Iterator[None]:
             yield
         except ApiException as error:
             status = _status_of(error)
-            message = str(status.get("message") or "")[:_STATUS_MESSAGE_LIMIT]
+            message = bounded(str(status.get("message") or ""), _STATUS_MESSAGE_LIMIT)
             if error.status == 409:
                 already_exists = status.get("reason") == "AlreadyExists"
                 problem = (
@@ -456,7 +459,9 @@ def _eviction_errors(ref: ObjectRef) -> Iterator[None]:
 def _status_error(
     ref: ObjectRef, verb: str, code: int, status: Mapping[str, Any], resource: str = "secrets"
 ) -> NodeAgentError:
-    message = str(status.get("message") or status.get("reason") or "")[:_STATUS_MESSAGE_LIMIT]
+    message = bounded(
+        str(status.get("message") or status.get("reason") or ""), _STATUS_MESSAGE_LIMIT
+    )
     if code == 410:
         return WatchExpired(str(ref), f"{verb} {resource}: resourceVersion expired ({message})")
     if code == 401:
@@ -504,4 +509,4 @@ def _as_int(value: object) -> int:
 
 def _describe(error: BaseException) -> str:
     """urllib3's own words (host, port, what broke); they never contain response data."""
-    return f"{type(error).__name__}: {error}"[:_STATUS_MESSAGE_LIMIT]
+    return bounded(f"{type(error).__name__}: {error}", _STATUS_MESSAGE_LIMIT)

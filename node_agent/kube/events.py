@@ -14,7 +14,8 @@ remembered in a small LRU cache; an Event the API server has since expired (PATC
 collides with the Events of its previous run.
 
 Messages name registries and files, never credential values: callers build them, and this
-module sends them as given (shortened to `_MESSAGE_LIMIT` characters).
+module sends them as given (cut at a word to `_MESSAGE_LIMIT` characters, saying how many
+more there were).
 """
 
 import logging
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from node_agent.escaping import printable
+from node_agent.escaping import bounded, printable
 from node_agent.kube.errors import ApiError
 from node_agent.kube.model import EventApi, ObjectRef, RequestTimeout
 
@@ -113,7 +114,7 @@ class NodeEventRecorder:
         """Queue an Event about the Node; returns at once and never raises."""
         try:
             occurrence = _Occurrence(
-                type, reason, printable(message)[:_MESSAGE_LIMIT], self._clock()
+                type, reason, bounded(printable(message), _MESSAGE_LIMIT), self._clock()
             )
             self._enqueue(occurrence)
         except Exception:

@@ -7,7 +7,7 @@ blocks a reconcile, and the slot's Lease is renewed every TTL/3 while the worker
 containerd.
 
 The slot's states and what moves it between them are `machine.transition` (pure, and drawn
-in README "Fleet-safe containerd restarts"); this module feeds it events and carries out
+in docs/restart-slots.md); this module feeds it events and carries out
 its actions: the API calls of seeking a slot (list, claim, watch) and of holding one (renew,
 release), on the thread.
 """

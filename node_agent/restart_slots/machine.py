@@ -1,7 +1,7 @@
 """The lifecycle of this node's restart slot, as a pure state machine. No I/O, no clock, no
 threads: `transition(slot, event)` says what the slot becomes and what must be done about
 it; `RestartSlots` (coordinator.py) feeds it the worker's calls and the API's answers and
-carries out the actions. README "Fleet-safe containerd restarts" draws the same machine;
+carries out the actions. docs/restart-slots.md draws the same machine;
 tests/test_restart_slot_machine.py checks that the drawing and this code agree.
 """
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
+from node_agent.errors import json_position
 from node_agent.escaping import without_userinfo
 from node_agent.targets import (
     REDACTED,
@@ -93,8 +94,8 @@ def _hides(key: str) -> bool:
 def _load(text: str) -> dict[str, Any]:
     try:
         document = json.loads(text)
-    except (ValueError, RecursionError):
-        raise FormatError("not valid JSON; refusing to edit") from None
+    except (ValueError, RecursionError) as error:
+        raise FormatError(f"not valid JSON{json_position(error)}; refusing to edit") from None
     if not isinstance(document, dict):
         raise FormatError("top level is not a JSON object; refusing to edit")
     return document

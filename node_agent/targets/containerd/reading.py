@@ -43,10 +43,21 @@ def _position_of(error: tomllib.TOMLDecodeError) -> str:
     return f"at {match.group(1)}" if match else "position unknown"
 
 
+#: What to do about a config in the v1 layout: let containerd write it in a current one.
+_MIGRATE_HINT: Final = (
+    "convert it first: `containerd config migrate` (containerd 2.x) or `containerd config "
+    "dump` (1.6/1.7) prints it in a current layout"
+)
+
+
 def _plugin_of(data: Mapping[str, Any]) -> str:
     if "version" not in data:
-        raise FormatError("config has no 'version' key (containerd v1 layout); refusing to edit")
+        raise FormatError(
+            f"config has no 'version' key (containerd v1 layout); refusing to edit; {_MIGRATE_HINT}"
+        )
     version = data["version"]
+    if version == 1 and type(version) is int:
+        raise FormatError(f"config is 'version = 1'; refusing to edit; {_MIGRATE_HINT}")
     if type(version) is not int or version not in PLUGIN_BY_VERSION:
         raise FormatError("config 'version' is neither 2 nor 3; refusing to edit")
     return PLUGIN_BY_VERSION[version]
