@@ -29,22 +29,11 @@ from typing import Any
 
 import pytest
 import yaml
-from campaign import (
-    CRI,
-    FOREIGN_JSON_AUTHS,
-    FOREIGN_TOML_AUTHS,
-    CliRun,
-    NodeTree,
-    Tally,
-    campaign,
-    fuzz_settings,
-    is_full_scale,
-    run_cli,
-    run_cli_process,
-)
+from campaign import CliRun, Tally, campaign, fuzz_settings, is_full_scale, run_cli, run_cli_process
 from hypothesis import given
 from hypothesis import strategies as st
 from leak_audit import CANARY_PASSWORD, CANARY_TOKEN, CANARY_USERNAME, LeakAudit
+from support.node import CRI, FOREIGN_JSON_AUTHS, FOREIGN_TOML_AUTHS, NodeTree
 
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_fuzz_secrets.py"
 CAMPAIGN = "bad input: Secrets"

@@ -33,18 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from campaign import (
-    CRI,
-    FOREIGN_JSON,
-    FOREIGN_TOML,
-    CliRun,
-    NodeTree,
-    agent_process_env,
-    campaign,
-    run_cli,
-)
+from campaign import CliRun, campaign, run_cli
 from leak_audit import CANARY_PASSWORD, CANARY_TOKEN, CANARY_USERNAME, LeakAudit
 from pyfakefs.fake_filesystem_unittest import Patcher
+from support.agent import agent_process_env
+from support.node import CRI, FOREIGN_JSON, FOREIGN_TOML, NodeTree
 
 REG = "reg.example:5000"
 CAMPAIGN = "I/O faults"

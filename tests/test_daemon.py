@@ -8,7 +8,6 @@ Intervals are short (debounce 50 ms, min reload interval 1 s) so the file runs i
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -16,24 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DOCKERCONFIG,
-    FOREIGN_JSON,
-    FOREIGN_TOML,
+from kubeapi import KubeApiServer
+from support.agent import Agent, start_in_process
+from support.dockerconfig import DOCKERCONFIG, basic_auth, docker_config, login, registry_login
+from support.node import MINIMAL_FOREIGN_JSON as FOREIGN_JSON
+from support.node import MINIMAL_FOREIGN_TOML as FOREIGN_TOML
+from support.node import REGISTRY, NodeTree
+from support.settings import (
     NAME,
     NS,
-    REGISTRY,
     RESTART_SCRIPT,
     SECRET,
-    Agent,
-    Node,
     agent_settings,
     create_secret,
-    dockerconfig,
-    start_daemon,
+    fast_timings,
+    restart_script_command,
     update_secret,
 )
-from kubeapi import KubeApiServer
 from support.waiting import wait_until
 
 from node_agent.daemon.run import build_daemon
@@ -44,10 +42,8 @@ from node_agent.settings import DaemonSettings, Settings
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node.create(tmp_path / "node")
-
-
+def node(tmp_path: Path) -> NodeTree:
+    return NodeTree.create(tmp_path / "node", toml=FOREIGN_TOML, json_text=FOREIGN_JSON)
 
 
 StartAgent = Callable[..., Agent]
@@ -55,7 +51,7 @@ StartAgent = Callable[..., Agent]
 
 @pytest.fixture
 def start_agent(
-    node: Node, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
+    node: NodeTree, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
 ) -> Iterator[StartAgent]:
     running: list[Agent] = []
     script = tmp_path / "restart.sh"
@@ -74,13 +70,13 @@ def start_agent(
             node,
             kube_api,
             cri_socket=cri_socket,
-            restart_script=script if restart else None,
+            restart_command=restart_script_command(node, script) if restart else (),
             secrets=secrets,
             secret_files=secret_files,
             on_secret_delete=on_secret_delete,
             resync_interval=resync_interval,
         )
-        agent = Agent(start_daemon(settings, resync_interval=resync_interval), node, kube_api)
+        agent = start_in_process(settings, node, kube_api, fast_timings(resync_interval))
         running.append(agent)
         return agent
 
@@ -93,7 +89,7 @@ def start_agent(
 
 
 def test_secret_create_update_delete_are_followed_and_foreign_entries_stay(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     agent = start_agent()
     wait_until(lambda: agent.get("/readyz")[0] == 200, what="ready with no Secret yet")
@@ -118,7 +114,7 @@ def test_secret_create_update_delete_are_followed_and_foreign_entries_stay(
 
 
 def test_with_on_secret_delete_keep_a_deleted_secret_leaves_the_files_alone(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "kept")
     agent = start_agent(on_secret_delete="keep")
@@ -133,7 +129,9 @@ def test_startup_makes_one_list_and_one_watch_per_source(
     kube_api: KubeApiServer, start_agent: StartAgent
 ) -> None:
     create_secret(kube_api, "pw")
-    kube_api.create_secret(NS, "second", dockerconfig("other", "other.example"), type=DOCKERCONFIG)
+    kube_api.create_secret(
+        NS, "second", registry_login("other.example", "other"), type=DOCKERCONFIG
+    )
     agent = start_agent(secrets=(SECRET, ObjectRef(NS, "second")))
     agent.wait_for_passwords("pw")
     time.sleep(0.3)  # several bookmarks later
@@ -142,7 +140,7 @@ def test_startup_makes_one_list_and_one_watch_per_source(
 
 
 def test_an_api_outage_removes_nothing_and_the_agent_catches_up_after_it(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "before")
     agent = start_agent()
@@ -165,7 +163,7 @@ def test_an_api_outage_removes_nothing_and_the_agent_catches_up_after_it(
 
 
 def test_an_agent_started_during_an_outage_waits_and_removes_nothing(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "applied-earlier")
     first = start_agent()
@@ -205,7 +203,7 @@ def edit_in_place(path: Path) -> None:
         path.write_text(text.replace('password = "pw"', 'password = "edited"'))
     else:
         document = json.loads(text)
-        document["auths"][REGISTRY]["auth"] = base64.b64encode(b"puller:edited").decode()
+        document["auths"][REGISTRY]["auth"] = basic_auth("puller", "edited")
         path.write_text(json.dumps(document))
 
 
@@ -225,7 +223,7 @@ DRIFTS: dict[str, Callable[[Path], None]] = {
 @pytest.mark.parametrize("target", ["containerd", "kubelet"])
 @pytest.mark.parametrize("drift", list(DRIFTS))
 def test_drift_is_repaired_within_a_second_and_counted(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node, target: str, drift: str
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree, target: str, drift: str
 ) -> None:
     create_secret(kube_api, "pw")
     agent = start_agent()
@@ -251,18 +249,18 @@ def test_own_writes_are_neither_drift_nor_extra_passes(
     agent = start_agent()
     agent.wait_for_passwords("v0")
     agent.wait_idle()
-    before = agent.reconciles()
+    before = agent.passes()
     for version in range(1, 4):
         update_secret(kube_api, f"v{version}")
         agent.wait_for_passwords(f"v{version}")
         agent.wait_idle(quiet=0.2)
-    assert agent.reconciles() - before == 3  # one pass per update, none for its own echo
+    assert agent.passes() - before == 3  # one pass per update, none for its own echo
     for target in ("containerd", "kubelet"):
         assert agent.metric("node_agent_drift_repairs_total", target=target) == 0
 
 
 def test_a_resync_finds_a_change_no_event_reported(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "pw")
     agent = start_agent()
@@ -281,7 +279,7 @@ def test_a_resync_finds_a_change_no_event_reported(
 
 
 def test_a_burst_of_100_updates_costs_a_handful_of_passes_and_one_restart(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "initial")
     agent = start_agent(restart=True)
@@ -293,7 +291,7 @@ def test_a_burst_of_100_updates_costs_a_handful_of_passes_and_one_restart(
         timeout=10,
         what="the restart reported",
     )
-    before = agent.reconciles()
+    before = agent.passes()
 
     for version in range(100):
         update_secret(kube_api, f"burst-{version}")
@@ -303,13 +301,13 @@ def test_a_burst_of_100_updates_costs_a_handful_of_passes_and_one_restart(
     agent.wait_for_passwords("burst-99", timeout=3)
     agent.wait_idle()
     assert node.restarts() == 2  # the start, then exactly one for the whole burst
-    assert agent.reconciles() - before <= 8
+    assert agent.passes() - before <= 8
     assert agent.metric("node_agent_containerd_restarts_total", result="success") == 2
     assert agent.metric("node_agent_in_sync", target="containerd") == 1
 
 
 def test_restarts_are_rate_limited_and_changes_during_the_wait_coalesce(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "one")
     agent = start_agent(restart=True)
@@ -327,13 +325,13 @@ def test_restarts_are_rate_limited_and_changes_during_the_wait_coalesce(
 
 
 def test_a_restart_that_fails_is_rolled_back_and_retried_once_per_interval(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "pw")
     agent = start_agent(restart=True)
     agent.wait_for_passwords("pw")
     update_secret(kube_api, "pw")  # no change: no restart
-    kube_api.update_secret(NS, NAME, dockerconfig("pw", "broken.example"))
+    kube_api.update_secret(NS, NAME, registry_login("broken.example", "pw"))
     wait_until(
         lambda: agent.metric("node_agent_containerd_restarts_total", result="rolled_back") == 1,
         what="first rollback",
@@ -352,7 +350,7 @@ def test_a_restart_that_fails_is_rolled_back_and_retried_once_per_interval(
 
 
 def test_an_invalid_secret_keeps_the_last_good_credentials_and_turns_readiness_off(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "good")
     agent = start_agent()
@@ -389,7 +387,7 @@ HOSTILE_SECRETS = {
 def test_a_hostile_secret_is_invalid_everywhere_and_shown_nowhere(
     kube_api: KubeApiServer,
     start_agent: StartAgent,
-    node: Node,
+    node: NodeTree,
     auths: dict[str, object],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -411,7 +409,7 @@ def test_a_hostile_secret_is_invalid_everywhere_and_shown_nowhere(
 
 
 def test_a_secret_emptied_removes_the_entries_with_a_warning_event(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "good")
     agent = start_agent()
@@ -473,7 +471,7 @@ class SecretVolume:
         self.generation += 1
         version = self.path / f"..2026_{self.generation:04d}"
         version.mkdir(parents=True)
-        (version / ".dockerconfigjson").write_bytes(dockerconfig(password)[".dockerconfigjson"])
+        (version / ".dockerconfigjson").write_bytes(docker_config({REGISTRY: login(password)}))
         link = self.path / "..data_tmp"
         link.symlink_to(version.name)
         link.rename(self.path / "..data")  # the atomic swap kubelet does
@@ -497,7 +495,7 @@ def test_api_sources_outrank_file_sources(
     kube_api: KubeApiServer, start_agent: StartAgent, tmp_path: Path
 ) -> None:
     secret_file = tmp_path / "secret.json"
-    secret_file.write_bytes(dockerconfig("from-file")[".dockerconfigjson"])
+    secret_file.write_bytes(docker_config({REGISTRY: login("from-file")}))
     create_secret(kube_api, "from-api")
     agent = start_agent(secret_files=(secret_file,))
     agent.wait_for_passwords("from-api")
@@ -506,7 +504,7 @@ def test_api_sources_outrank_file_sources(
 
 
 def test_stopping_leaves_no_temp_files_and_ends_every_thread(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "pw")
     agent = start_agent(restart=True)
@@ -520,7 +518,7 @@ def test_stopping_leaves_no_temp_files_and_ends_every_thread(
 
 
 def test_a_forbidden_secret_is_counted_and_removes_nothing(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     create_secret(kube_api, "pw")
     first = start_agent()
@@ -541,9 +539,9 @@ def test_a_forbidden_secret_is_counted_and_removes_nothing(
     agent.wait_for_passwords("pw-2")
 
 
-def test_dry_run_reports_differences_and_writes_nothing(node: Node, tmp_path: Path) -> None:
+def test_dry_run_reports_differences_and_writes_nothing(node: NodeTree, tmp_path: Path) -> None:
     secret_file = tmp_path / "secret.json"
-    secret_file.write_bytes(dockerconfig("pw")[".dockerconfigjson"])
+    secret_file.write_bytes(docker_config({REGISTRY: login("pw")}))
     before = (node.config_toml.read_bytes(), node.config_json.read_bytes())
     settings = DaemonSettings(
         node=Settings(
