@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.dockerconfig import docker_config
 
 from node_agent.credentials import (
     DOCKER_HUB,
@@ -24,10 +25,6 @@ PASSWORD = "s3cr3t-Pa55"
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-def dockerconfigjson(auths: object) -> bytes:
-    return json.dumps({"auths": auths}).encode()
 
 
 @pytest.mark.parametrize(
@@ -58,30 +55,30 @@ def test_keys_without_a_valid_host_are_rejected(key: str) -> None:
 
 
 def test_dockerconfigjson_with_username_and_password() -> None:
-    raw = dockerconfigjson({"reg.example": {"username": "u", "password": PASSWORD}})
+    raw = docker_config({"reg.example": {"username": "u", "password": PASSWORD}})
     assert parse_document("s", raw) == {"reg.example": RegistryAuth("u", PASSWORD)}
 
 
 def test_auth_field_is_decoded_and_wins_over_username_password() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {"reg.example": {"auth": b64(f"u:{PASSWORD}"), "username": "x", "password": "y"}}
     )
     assert parse_document("s", raw) == {"reg.example": RegistryAuth("u", PASSWORD)}
 
 
 def test_auth_splits_at_the_first_colon() -> None:
-    raw = dockerconfigjson({"reg.example": {"auth": b64("u:pa:ss")}})
+    raw = docker_config({"reg.example": {"auth": b64("u:pa:ss")}})
     assert parse_document("s", raw)["reg.example"].password == "pa:ss"
 
 
 def test_unpadded_base64_auth_is_accepted_like_kubelet_does() -> None:
     unpadded = b64("user:pw").rstrip("=")
-    raw = dockerconfigjson({"reg.example": {"auth": unpadded}})
+    raw = docker_config({"reg.example": {"auth": unpadded}})
     assert parse_document("s", raw)["reg.example"] == RegistryAuth("user", "pw")
 
 
 def test_identitytoken_only_entry() -> None:
-    raw = dockerconfigjson({"reg.example": {"identitytoken": "tok"}})
+    raw = docker_config({"reg.example": {"identitytoken": "tok"}})
     assert parse_document("s", raw) == {"reg.example": RegistryAuth(identitytoken="tok")}
 
 
@@ -91,7 +88,7 @@ def test_legacy_dockercfg_document() -> None:
 
 
 def test_secret_manifest_yaml_with_base64_data() -> None:
-    inner = dockerconfigjson({"reg.example": {"auth": b64("u:p")}})
+    inner = docker_config({"reg.example": {"auth": b64("u:p")}})
     manifest = (
         "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/dockerconfigjson\n"
         f"data:\n  .dockerconfigjson: {base64.b64encode(inner).decode()}\n"
@@ -112,7 +109,7 @@ def test_secret_manifest_with_string_data_and_legacy_type() -> None:
 
 
 def test_docker_hub_aliases_are_one_registry() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {
             "https://index.docker.io/v1/": {"auth": b64("u:p")},
             "docker.io": {"username": "u", "password": "p"},
@@ -122,7 +119,7 @@ def test_docker_hub_aliases_are_one_registry() -> None:
 
 
 def test_two_credentials_for_one_registry_in_one_source_is_an_error() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {"docker.io": {"auth": b64("u:p")}, "index.docker.io": {"auth": b64("u:other")}}
     )
     with pytest.raises(InvalidCredentials, match=r'auths\["index.docker.io"\]: a different'):
@@ -146,7 +143,7 @@ BAD_INPUT = [
     ("bad base64", b'{"auths": {"r.example": {"auth": "%%%"}}}', ".auth", "base64"),
     (
         "auth without a colon",
-        dockerconfigjson({"r.example": {"auth": b64("nocolon")}}),
+        docker_config({"r.example": {"auth": b64("nocolon")}}),
         ".auth",
         "no ':'",
     ),
@@ -199,7 +196,7 @@ def test_bad_input_is_one_clear_error_naming_source_and_field(
 
 
 def test_errors_never_contain_credential_values() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {"r.example": {"auth": b64(PASSWORD)}}  # no colon: an error about this very value
     )
     with pytest.raises(InvalidCredentials) as caught:
@@ -221,7 +218,7 @@ def test_mounted_secret_volume_directory(tmp_path: Path) -> None:
     # kubelet publishes Secret keys as symlinks into a ..data directory it swaps atomically.
     data = tmp_path / "..2026_11_25_12_00_00.1"
     data.mkdir()
-    (data / ".dockerconfigjson").write_bytes(dockerconfigjson({"r.example": {"auth": b64("u:p")}}))
+    (data / ".dockerconfigjson").write_bytes(docker_config({"r.example": {"auth": b64("u:p")}}))
     (tmp_path / "..data").symlink_to(data.name)
     (tmp_path / ".dockerconfigjson").symlink_to("..data/.dockerconfigjson")
     assert load_secret_file(tmp_path) == {"r.example": RegistryAuth("u", "p")}
@@ -234,10 +231,10 @@ def test_directory_without_a_docker_config_key_is_an_error(tmp_path: Path) -> No
 
 def test_fallback_sources_only_fill_gaps(tmp_path: Path) -> None:
     primary = tmp_path / "primary.json"
-    primary.write_bytes(dockerconfigjson({"a.example": {"auth": b64("p:1")}}))
+    primary.write_bytes(docker_config({"a.example": {"auth": b64("p:1")}}))
     fallback = tmp_path / "fallback.json"
     fallback.write_bytes(
-        dockerconfigjson({"a.example": {"auth": b64("f:2")}, "b.example": {"auth": b64("f:3")}})
+        docker_config({"a.example": {"auth": b64("f:2")}, "b.example": {"auth": b64("f:3")}})
     )
     assert load_credentials([primary], [fallback]) == {
         "a.example": RegistryAuth("p", "1"),

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from support.dockerconfig import docker_config, login
 
 from node_agent.cli import build_parser, daemon_settings_from, main
 from node_agent.credentials import RegistryAuth
@@ -41,11 +41,9 @@ DOCKERCONFIG = "kubernetes.io/dockerconfigjson"
 
 def auths(**passwords: str) -> bytes:
     """A .dockerconfigjson with one `puller` credential per registry (`_` stands for `.`)."""
-    entries = {
-        name.replace("_", "."): {"username": "puller", "password": password}
-        for name, password in passwords.items()
-    }
-    return json.dumps({"auths": entries}).encode()
+    return docker_config(
+        {name.replace("_", "."): login(password) for name, password in passwords.items()}
+    )
 
 
 def snapshot(data: bytes | None, rv: str = "1") -> SecretSnapshot:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from support.dockerconfig import docker_config
+
 CRI = "io.containerd.grpc.v1.cri"
 REGISTRY = "reg.example:5000"
 """The registry the daemon tests' Secret names."""
@@ -117,7 +119,7 @@ class NodeTree:
         return node
 
     def write_secret(self, auths: dict[str, dict[str, str]]) -> None:
-        self.secret.write_text(json.dumps({"auths": auths}))
+        self.secret.write_bytes(docker_config(auths))
 
     def write_secret_bytes(self, payload: bytes) -> None:
         self.secret.write_bytes(payload)
