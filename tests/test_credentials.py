@@ -266,3 +266,29 @@ def test_what_kubectl_create_secret_docker_registry_prints_is_accepted_as_is() -
     assert parse_document("kubectl", printed) == {
         "registry.example.com:5000": RegistryAuth("puller", PASSWORD)
     }
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["https://reg.example\n/v2/", "reg.example:5000\n/x", "\u212aeg.example", "r\u0130.example"],
+    ids=["newline before the path", "newline after the port", "KELVIN SIGN", "dotted capital I"],
+)
+def test_a_registry_key_that_is_no_plain_host_is_refused(key: str) -> None:
+    """Found by: Secrets fuzz (RELIABILITY.md, "Bugs found")."""
+    with pytest.raises(ValueError, match="not a valid registry host"):
+        normalise_registry(key)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"auths": {"reg.example": {"auth": "\\u00e9t\\u00e9"}}}',
+        b'{"kind": "Secret", "type": "kubernetes.io/dockerconfigjson",'
+        b' "data": {".dockerconfigjson": "\\u00e9"}}',
+    ],
+    ids=["auth", "Secret data"],
+)
+def test_non_ascii_base64_is_invalid_credentials_not_a_traceback(document: bytes) -> None:
+    """Found by: Secrets fuzz (RELIABILITY.md, "Bugs found")."""
+    with pytest.raises(InvalidCredentials, match="not valid base64"):
+        parse_document("secret.json", document)

@@ -38,7 +38,7 @@ from node_agent.daemon.run import build_daemon
 from node_agent.daemon.work_queue import Batch
 from node_agent.daemon.worker import RESYNC, START
 from node_agent.kube.model import ObjectRef
-from node_agent.settings import DaemonSettings, Settings
+from node_agent.settings import DaemonSettings, RestartCoordination, Settings
 
 
 @pytest.fixture
@@ -562,3 +562,30 @@ def test_dry_run_reports_differences_and_writes_nothing(node: NodeTree, tmp_path
     )
     assert (node.config_toml.read_bytes(), node.config_json.read_bytes()) == before
     assert not node.state_dir.exists()
+
+
+def test_a_symlink_loop_where_a_node_file_should_be_fails_the_pass_cleanly(
+    tmp_path: Path,
+) -> None:
+    """Found by: daemon I/O faults. After the pass failed ("symlink loop"), the worker's
+    bookkeeping called `Path.resolve`, which raises RuntimeError on a loop (Python 3.11): no
+    error counted, no Event, no retry, a traceback for every file event."""
+    secret = tmp_path / "secret.json"
+    secret.write_bytes(docker_config({"reg.example": {"auth": "dTpw"}}))
+    config_json = tmp_path / "config.json"
+    config_json.symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(config_json)
+    settings = DaemonSettings(
+        node=Settings(
+            secret_files=(secret,),
+            containerd_config=tmp_path / "config.toml",
+            kubelet_config=config_json,
+            state_dir=tmp_path / "state",
+            restart_mode="none",
+        ),
+        metrics_address="127.0.0.1:0",
+        restarts=RestartCoordination(concurrency=0),
+    )
+    report = build_daemon(settings).worker.handle(Batch(frozenset({START})))
+    assert report is not None and report.result == "error"
+    assert report.error is not None and "symlink loop" in report.error

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -17,11 +18,18 @@ from support.dockerconfig import docker_config, login
 from node_agent.cli import build_parser, daemon_settings_from, main
 from node_agent.credentials import RegistryAuth
 from node_agent.daemon.credential_sources import CredentialSources
-from node_agent.daemon.outcomes import Settled, written_targets
-from node_agent.daemon.reporting import DaemonReporter, EventType, Readiness, readiness_of
+from node_agent.daemon.outcomes import Settled, read_fingerprint, written_targets
+from node_agent.daemon.reporting import (
+    RECONCILE_FAILED,
+    ROLLED_BACK,
+    DaemonReporter,
+    EventType,
+    Readiness,
+    readiness_of,
+)
 from node_agent.daemon.restarts import RestartGate
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue, next_run_at
-from node_agent.daemon.worker import START, Worker
+from node_agent.daemon.worker import START, PassReport, Worker
 from node_agent.errors import RestartFailed
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
@@ -527,3 +535,53 @@ def test_a_bug_in_a_pass_counts_as_an_error_turns_readiness_off_and_raises_an_ev
         ("Warning", "RegistryCredentialsReconcileFailed")
     ]
     assert not config_json.exists()
+
+
+def test_the_daemon_never_waits_on_a_fifo_where_a_node_file_should_be(tmp_path: Path) -> None:
+    """Found by: daemon I/O faults. The worker's fingerprint of a node file opened a FIFO for
+    a blocking read: the worker hung until someone wrote to the FIFO, and removing the FIFO
+    did not wake it."""
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    answers: list[object] = []
+    reader = threading.Thread(target=lambda: answers.append(read_fingerprint(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=2)
+    if reader.is_alive():  # the bug: release the reader before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_fingerprint waited for a writer on a FIFO")
+    (answer,) = answers
+    assert isinstance(answer, str) and "not a regular file" in answer
+
+
+# --- the failed-pass Event -----------------------------------------------------------------
+
+
+def reporter(events: RecordedEvents) -> DaemonReporter:
+    readiness = Readiness(Health(), CredentialSources(files=()))
+    return DaemonReporter(metrics=AgentMetrics(), events=events, readiness=readiness)
+
+
+def test_a_failed_pass_is_a_warning_event_with_the_one_line_error_the_same_for_each_retry() -> None:
+    events = RecordedEvents()
+    error = "/etc/containerd/config.toml: cannot write: No space left on device"
+    for _ in range(3):
+        reporter(events).pass_done(PassReport(result="error", error=error))
+    expected = ("Warning", RECONCILE_FAILED, f"reconcile failed: {error}; retrying with backoff")
+    # Identical occurrences: the recorder turns them into one Event with count 3.
+    assert events.recorded == [expected] * 3
+
+
+def test_a_rolled_back_restart_is_reported_once_not_also_as_a_failed_pass() -> None:
+    events = RecordedEvents()
+    reporter(events).pass_done(
+        PassReport(result="error", restart="rolled_back", error="restart failed; restored")
+    )
+    assert [reason for _, reason, _ in events.recorded] == [ROLLED_BACK]
+
+
+def test_a_multi_line_error_becomes_one_line_in_the_event() -> None:
+    events = RecordedEvents()
+    reporter(events).pass_done(PassReport(result="error", error="first line\nsecond line"))
+    (_, _, message), *_ = events.recorded
+    assert "\n" not in message and "first line second line" in message
