@@ -80,7 +80,8 @@ class Fault:
     """In the error: the file or directory it names."""
     untouched: tuple[str, ...]
     """What the pass must leave byte-for-byte as it was (`NodeTree.contents` names)."""
-    needs_root: bool = False
+    needs_root: str | None = None
+    """Why injecting it needs root (None: it does not)."""
 
 
 # --- the faults --------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def disk_full(directory: str) -> Fault:
         os.strerror(errno.ENOSPC),
         NAMED_BY_DIR[directory],
         UNTOUCHED_BY_DIR[directory],
-        needs_root=True,
+        needs_root="a full disk is a small tmpfs mounted over the directory",
     )
 
 
@@ -127,7 +128,7 @@ def read_only(directory: str) -> Fault:
         os.strerror(errno.EROFS),
         NAMED_BY_DIR[directory],
         UNTOUCHED_BY_DIR[directory],
-        needs_root=True,
+        needs_root="a read-only directory is a read-only bind mount over it",
     )
 
 
@@ -143,7 +144,7 @@ def immutable(directory: str) -> Fault:
         os.strerror(errno.EPERM),
         NAMED_BY_DIR[directory],
         UNTOUCHED_BY_DIR[directory],
-        needs_root=True,
+        needs_root="chattr +i takes CAP_LINUX_IMMUTABLE",
     )
 
 
@@ -376,7 +377,7 @@ def test_every_io_fault_is_reported_keeps_the_old_file_and_clears_by_itself(
         for _ in range(rounds):
             for fault in rng.sample(FAULTS, len(FAULTS)):
                 if fault.needs_root and not IS_ROOT:
-                    tally.outcomes["skipped: needs root"] += 1
+                    tally.outcomes[f"skipped, needs root: {fault.needs_root}"] += 1
                     continue
                 tally.cases += 1
                 tally.outcomes[fault.name] += 1
@@ -519,7 +520,8 @@ def without_dac_override() -> list[str]:
     if not IS_ROOT:
         return []
     if shutil.which("capsh") is None:
-        pytest.skip("capsh (libcap2-bin) not installed")
+        # Root passes every permission check; capsh runs the agent without that power.
+        pytest.skip("capsh (libcap2-bin) not installed: as root, permission faults need it")
     return ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c"]
 
 
