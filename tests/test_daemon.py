@@ -1,7 +1,7 @@
 """`node-agent run` in-process: the real `kubernetes` client against the test API server
 (tests/kubeapi.py), real node files in tmp_path, real watchdog, a real restart command and a
-fake CRI for the health check. Metrics are read from the status server's /metrics, Events
-from the test API server.
+fake CRI for the health check. Metrics are read from the daemon's registry, Events from
+the test API server.
 
 Intervals are short (debounce 50 ms, min reload interval 1 s) so the file runs in seconds.
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from kubeapi import KubeApiServer
-from support.agent import Agent, start_in_process
+from support.agent import StartAgent
 from support.dockerconfig import DOCKERCONFIG, basic_auth, docker_config, login, registry_login
 from support.node import MINIMAL_FOREIGN_JSON as FOREIGN_JSON
 from support.node import MINIMAL_FOREIGN_TOML as FOREIGN_TOML
@@ -24,12 +24,8 @@ from support.node import REGISTRY, NodeTree
 from support.settings import (
     NAME,
     NS,
-    RESTART_SCRIPT,
     SECRET,
-    agent_settings,
     create_secret,
-    fast_timings,
-    restart_script_command,
     update_secret,
 )
 from support.waiting import wait_until
@@ -39,51 +35,6 @@ from node_agent.daemon.work_queue import Batch
 from node_agent.daemon.worker import RESYNC, START
 from node_agent.kube.model import ObjectRef
 from node_agent.settings import DaemonSettings, RestartCoordination, Settings
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeTree:
-    return NodeTree.create(tmp_path / "node", toml=FOREIGN_TOML, json_text=FOREIGN_JSON)
-
-
-StartAgent = Callable[..., Agent]
-
-
-@pytest.fixture
-def start_agent(
-    node: NodeTree, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
-) -> Iterator[StartAgent]:
-    running: list[Agent] = []
-    script = tmp_path / "restart.sh"
-    script.write_text(RESTART_SCRIPT)
-    script.chmod(0o755)
-
-    def start(
-        *,
-        secrets: tuple[ObjectRef, ...] = (SECRET,),
-        secret_files: tuple[Path, ...] = (),
-        restart: bool = False,
-        on_secret_delete: str = "remove",
-        resync_interval: float = 60.0,
-    ) -> Agent:
-        settings = agent_settings(
-            node,
-            kube_api,
-            cri_socket=cri_socket,
-            restart_command=restart_script_command(node, script) if restart else (),
-            secrets=secrets,
-            secret_files=secret_files,
-            on_secret_delete=on_secret_delete,
-            resync_interval=resync_interval,
-        )
-        agent = start_in_process(settings, node, kube_api, fast_timings(resync_interval))
-        running.append(agent)
-        return agent
-
-    yield start
-    for agent in running:
-        agent.stop()
-
 
 # --- following the Secret -----------------------------------------------------------------
 
@@ -273,77 +224,6 @@ def test_a_resync_finds_a_change_no_event_reported(
     assert [w.drift for w in report.writes] == [True]
     unchanged = agent.daemon.worker.handle(Batch(frozenset({RESYNC})))
     assert unchanged is not None and unchanged.result == "noop"
-
-
-# --- containerd restarts ------------------------------------------------------------------
-
-
-def test_a_burst_of_100_updates_costs_a_handful_of_passes_and_one_restart(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
-) -> None:
-    create_secret(kube_api, "initial")
-    agent = start_agent(restart=True)
-    agent.wait_for_passwords("initial")
-    wait_until(lambda: node.restarts() == 1, what="the restart for the initial credentials")
-    # The pass that restarted has been reported (the one before it waited for the slot).
-    wait_until(
-        lambda: agent.metric("node_agent_containerd_restarts_total", result="success") == 1,
-        timeout=10,
-        what="the restart reported",
-    )
-    before = agent.passes()
-
-    for version in range(100):
-        update_secret(kube_api, f"burst-{version}")
-
-    wait_until(lambda: node.kubelet_password() == "burst-99", what="kubelet follows at once")
-    assert node.containerd_password() == "initial"  # restarted less than 1 s ago
-    agent.wait_for_passwords("burst-99", timeout=3)
-    agent.wait_idle()
-    assert node.restarts() == 2  # the start, then exactly one for the whole burst
-    assert agent.passes() - before <= 8
-    assert agent.metric("node_agent_containerd_restarts_total", result="success") == 2
-    assert agent.metric("node_agent_in_sync", target="containerd") == 1
-
-
-def test_restarts_are_rate_limited_and_changes_during_the_wait_coalesce(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
-) -> None:
-    create_secret(kube_api, "one")
-    agent = start_agent(restart=True)
-    agent.wait_for_passwords("one")
-    update_secret(kube_api, "two")
-    wait_until(lambda: node.kubelet_password() == "two")
-    # The metric follows the pass's writes: wait for the pass to be reported.
-    wait_until(lambda: agent.metric("node_agent_in_sync", target="containerd") == 0)
-    assert node.containerd_password() == "one"
-    update_secret(kube_api, "three")
-    agent.wait_for_passwords("three")
-    agent.wait_idle()
-    first, second = node.restart_times()  # "two" never needed a restart of its own
-    assert second - first == pytest.approx(1.0, abs=0.1)
-
-
-def test_a_restart_that_fails_is_rolled_back_and_retried_once_per_interval(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
-) -> None:
-    create_secret(kube_api, "pw")
-    agent = start_agent(restart=True)
-    agent.wait_for_passwords("pw")
-    update_secret(kube_api, "pw")  # no change: no restart
-    kube_api.update_secret(NS, NAME, registry_login("broken.example", "pw"))
-    wait_until(
-        lambda: agent.metric("node_agent_containerd_restarts_total", result="rolled_back") == 1,
-        what="first rollback",
-    )
-    time.sleep(2.3)
-    rolled_back = agent.metric("node_agent_containerd_restarts_total", result="rolled_back")
-    assert 2 <= rolled_back <= 4  # once per second at most, never a loop
-    assert "broken.example" not in node.config_toml.read_text()
-    assert node.kubelet_password("broken.example") == "pw"  # needs no restart
-    (event,) = agent.events("ContainerdRestartRolledBack")
-    assert event["type"] == "Warning" and event["count"] >= 2
-    assert agent.metric("node_agent_reconcile_total", result="error") >= 2
 
 
 # --- invalid Secret, metrics, health -------------------------------------------------------

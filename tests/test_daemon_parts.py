@@ -1,4 +1,4 @@
-"""The daemon's parts on their own: the queue's timing rule, the restart gate, the sources'
+"""The daemon's parts on their own: the queue's timing rule, the sources'
 "last good credentials" rules, drift classification, readiness, and the `run` flags."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 from support.dockerconfig import docker_config, login
+from support.events import RecordedEvents
 
 from node_agent.cli import build_parser, daemon_settings_from, main
 from node_agent.credentials import RegistryAuth
@@ -23,14 +23,11 @@ from node_agent.daemon.reporting import (
     RECONCILE_FAILED,
     ROLLED_BACK,
     DaemonReporter,
-    EventType,
     Readiness,
     readiness_of,
 )
-from node_agent.daemon.restarts import RestartGate
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue, next_run_at
 from node_agent.daemon.worker import START, PassReport, Worker
-from node_agent.errors import RestartFailed
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
 from node_agent.metrics import AgentMetrics
@@ -39,7 +36,6 @@ from node_agent.reconcile import NodeFile, Reconciler, fingerprint
 from node_agent.settings import DaemonSettings, RestartCoordination
 from node_agent.status_server import Health
 from node_agent.targets import Entry
-from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
 
 SECRET = ObjectRef("kube-system", "registry-credentials")
@@ -137,58 +133,6 @@ def test_close_wakes_a_waiting_worker_at_once() -> None:
     worker.join(2)
     assert taken == [None]
     assert time.monotonic() - started < 0.1
-
-
-# --- containerd restarts ------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FlakyContainerd:
-    def __init__(self, results: list[bool]) -> None:
-        self.results = results
-
-    def restart_and_verify(self) -> None:
-        if not self.results.pop(0):
-            raise RestartFailed("CRI did not answer")
-
-
-def test_every_attempt_closes_the_gate_for_the_interval_failed_ones_too(tmp_path: Path) -> None:
-    clock = Clock()
-    gate = RestartGate(min_interval=30, clock=clock)
-    secret_file = tmp_path / "secret.json"
-    secret_file.write_bytes(auths(reg_example="pw"))
-    config_toml = NodeFile(ContainerdFormat(), tmp_path / "config.toml", restarts_containerd=True)
-    store = StateStore(tmp_path / "state")
-    reconciler = Reconciler([config_toml], store, FlakyContainerd([False, True]), clock=clock)
-    worker = Worker(
-        queue=WorkQueue(debounce=0.0, clock=clock),
-        sources=CredentialSources(files=[secret_file]),
-        reconciler=reconciler,
-        reporter=DaemonReporter(
-            metrics=AgentMetrics(CollectorRegistry(), process=False),
-            events=RecordedEvents(),
-            readiness=Readiness(Health(), CredentialSources()),
-        ),
-        readiness=Readiness(Health(), CredentialSources()),
-        health=Health(),
-        gate=gate,
-        clock=clock,
-    )
-    assert gate.is_open()
-    report = worker.handle(Batch(frozenset({START})))
-    assert report is not None and (report.result, report.restart) == ("error", "rolled_back")
-    assert not gate.is_open()
-    clock.now += 29.9
-    assert not gate.is_open()
-    clock.now += 0.1
-    assert gate.is_open()
 
 
 # --- sources ------------------------------------------------------------------------------
@@ -485,17 +429,6 @@ class BuggyKubeletFormat(KubeletFormat):
 
     def render(self, text: str | None, updates: Mapping[str, Entry | None]) -> str:
         raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
-
-
-@dataclass
-class RecordedEvents:
-    recorded: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def record(self, reason: str, message: str, *, type: EventType = "Normal") -> None:
-        self.recorded.append((type, reason, message))
-
-    def close(self, timeout: float = 2.0) -> bool:
-        return True
 
 
 def test_a_bug_in_a_pass_counts_as_an_error_turns_readiness_off_and_raises_an_event(

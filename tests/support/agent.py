@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +139,10 @@ class Agent(_Metrics):
         if not self.stopped:
             self.stopped = True
             assert self.daemon.stop(timeout=timeout), "the daemon did not stop in time"
+
+
+StartAgent = Callable[..., Agent]
+"""The `start_agent` fixture (tests/conftest.py): keyword arguments, an `Agent`."""
 
 
 def start_in_process(
