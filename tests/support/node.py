@@ -77,7 +77,7 @@ version = 2
   password = "their-password"
 """
 MINIMAL_FOREIGN_JSON = '{\n  "auths": {\n    "quay.io": {\n      "auth": "cTpx"\n    }\n  }\n}\n'
-"""The same foreign entries with nothing around them."""
+"""One foreign entry in each file (foreign.example, quay.io) and nothing around it."""
 
 
 @dataclass(frozen=True)
