@@ -324,7 +324,7 @@ def test_metrics_and_health_after_the_first_pass(
     agent.wait_for_passwords("pw")
     wait_until(lambda: agent.metric("node_agent_reconcile_total", result="applied") == 1)
 
-    assert {name for name, _ in agent.metrics()} >= METRIC_NAMES
+    assert {name for name, _ in agent.scrape()} >= METRIC_NAMES
     for target in ("containerd", "kubelet"):
         assert agent.metric("node_agent_in_sync", target=target) == 1
         assert agent.metric("node_agent_managed_registries", target=target) == 1

@@ -114,9 +114,20 @@ class Agent(_Metrics):
     def metrics(self) -> Samples:
         return samples(self.daemon.parts.metrics.registry.collect())
 
+    @property
+    def port(self) -> int:
+        """Where its status server listens on 127.0.0.1."""
+        port = self.daemon.status_port
+        assert port is not None, "the daemon serves no status"
+        return port
+
+    def scrape(self) -> Samples:
+        """The samples its status server serves at /metrics."""
+        return scrape(self.port)
+
     def get(self, path: str) -> tuple[int, str]:
         """Status and body of the status server's answer to GET `path`."""
-        url = f"http://127.0.0.1:{self.daemon.status_port}{path}"
+        url = f"http://127.0.0.1:{self.port}{path}"
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
                 return answer.status, answer.read().decode()
