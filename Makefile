@@ -130,5 +130,5 @@ lock:
 .PHONY: reliability
 reliability: install system-deps
 	NODE_AGENT_CAMPAIGN_SCALE=full $(PY) -m pytest tests/test_campaign_*.py \
-		tests/test_leak_audit.py tests/test_reliability_regressions.py \
+		tests/test_leak_audit.py \
 		integration/test_campaign_*.py $(PYTEST_ARGS)

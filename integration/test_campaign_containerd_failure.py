@@ -34,13 +34,14 @@ from node_agent.cri import CriError
 # The campaign helpers and the leak audit live in tests/, whose modules import each other as
 # top-level modules; make them importable that way when integration/ runs on its own too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from campaign import agent_process_env, campaign, is_full_scale
+from campaign import campaign, is_full_scale
 from leak_audit import (
     CANARY_PASSWORD,
     CANARY_USERNAME,
     LeakAudit,
     start_audit,
 )
+from support.agent import agent_process_env
 
 pytestmark = pytest.mark.integration
 

@@ -29,6 +29,7 @@ _TESTS = Path(__file__).resolve().parents[1] / "tests"
 if str(_TESTS) not in sys.path:
     sys.path.append(str(_TESTS))
 from kubeapi import KubeApiServer  # noqa: E402
+from support.dockerconfig import registry_login  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +40,7 @@ PULL_DEADLINE = 30.0
 
 
 def dockerconfig(registry: AuthRegistry, password: str) -> dict[str, bytes]:
-    document = {"auths": {registry.host: {"username": registry.username, "password": password}}}
-    return {".dockerconfigjson": json.dumps(document).encode()}
+    return registry_login(registry.host, password, username=registry.username)
 
 
 def pull(node: ContainerdNode, image: PushedImage) -> str:

@@ -9,7 +9,18 @@ import pytest
 from campaign import CAMPAIGN_PROPERTY, campaign_table
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit, start_audit
+from support.agent import Agent, StartAgent, start_in_process
 from support.cri import fake_cri_socket
+from support.node import MINIMAL_FOREIGN_JSON, MINIMAL_FOREIGN_TOML, NodeTree
+from support.settings import (
+    RESTART_SCRIPT,
+    SECRET,
+    agent_settings,
+    fast_timings,
+    restart_script_command,
+)
+
+from node_agent.kube.model import ObjectRef
 
 
 @pytest.fixture
@@ -77,3 +88,51 @@ def root_logger_restored() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> NodeTree:
+    """A node tree in tmp_path (tests/support/node.py) with one foreign entry in each file."""
+    return NodeTree.create(
+        tmp_path / "node", toml=MINIMAL_FOREIGN_TOML, json_text=MINIMAL_FOREIGN_JSON
+    )
+
+
+@pytest.fixture
+def start_agent(
+    node: NodeTree, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
+) -> Iterator[StartAgent]:
+    """Starts `node-agent run` in this process for `node` (tests/support/agent.py), following
+    the Secret `support.settings.SECRET` with short intervals; with `restart=True` it
+    restarts "containerd" through `RESTART_SCRIPT` (the node's restart log). Every agent
+    started must stop within 4 s at teardown."""
+    running: list[Agent] = []
+    script = tmp_path / "restart.sh"
+    script.write_text(RESTART_SCRIPT)
+    script.chmod(0o755)
+
+    def start(
+        *,
+        secrets: tuple[ObjectRef, ...] = (SECRET,),
+        secret_files: tuple[Path, ...] = (),
+        restart: bool = False,
+        on_secret_delete: str = "remove",
+        resync_interval: float = 60.0,
+    ) -> Agent:
+        settings = agent_settings(
+            node,
+            kube_api,
+            cri_socket=cri_socket,
+            restart_command=restart_script_command(node, script) if restart else (),
+            secrets=secrets,
+            secret_files=secret_files,
+            on_secret_delete=on_secret_delete,
+            resync_interval=resync_interval,
+        )
+        agent = start_in_process(settings, node, kube_api, fast_timings(resync_interval))
+        running.append(agent)
+        return agent
+
+    yield start
+    for agent in running:
+        agent.stop()

@@ -24,7 +24,6 @@ Use it through the `leak_audit` fixture (tests/conftest.py). Read captured outpu
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import stat
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from support.dockerconfig import basic_auth
 
 from node_agent.errors import NodeAgentError
 from node_agent.ownership import STATE_FILE
@@ -43,9 +43,7 @@ from node_agent.targets import FormatError
 CANARY_USERNAME = "canary-puller"
 CANARY_PASSWORD = "Canary-Pa55-q7Zr2xW9"  # ASCII only: JSON and TOML escaping leave it as is
 #: The docker config `auth` form of the canary, without padding (so a padded copy matches).
-CANARY_TOKEN = (
-    base64.b64encode(f"{CANARY_USERNAME}:{CANARY_PASSWORD}".encode()).decode().rstrip("=")
-)
+CANARY_TOKEN = basic_auth(CANARY_USERNAME, CANARY_PASSWORD).rstrip("=")
 CANARY_FORMS = (CANARY_PASSWORD, CANARY_TOKEN)
 
 PRIVATE_DIR_MODE = 0o700

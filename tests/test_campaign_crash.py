@@ -34,21 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from campaign import (
+from campaign import campaign, campaign_seed, campaign_size, run_cli
+from leak_audit import CANARY_PASSWORD, CANARY_USERNAME, LeakAudit
+from support.agent import agent_process_env
+from support.cri import fake_cri_socket
+from support.node import (
     CRI,
     FOREIGN_JSON,
     FOREIGN_JSON_AUTHS,
     FOREIGN_TOML,
     FOREIGN_TOML_AUTHS,
     NodeTree,
-    agent_process_env,
-    campaign,
-    campaign_seed,
-    campaign_size,
-    run_cli,
 )
-from leak_audit import CANARY_PASSWORD, CANARY_USERNAME, LeakAudit
-from support.cri import fake_cri_socket
 
 from node_agent.ownership import AgentState, StateStore
 

@@ -21,7 +21,6 @@ compressed 100x, so it reconnects in most up-phases and is cut off mid-list and 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -32,26 +31,21 @@ from typing import Any
 
 import pytest
 from campaign import (
-    DAEMON_REGISTRY,
-    SECRET_NAME,
-    SECRET_NAMESPACE,
     NodeMonitor,
-    NodeTree,
-    RunningDaemon,
     SecretVersions,
     Tally,
-    TimeScale,
     agent_passwords,
     campaign,
     campaign_seed,
     campaign_size,
-    daemon_settings,
-    dockerconfig_data,
     is_full_scale,
-    running_daemon,
 )
 from kubeapi import KubeApiServer
 from leak_audit import CANARY_USERNAME, LeakAudit
+from support.agent import Agent, running_in_process
+from support.dockerconfig import DOCKERCONFIG, document_data, login, registry_login
+from support.node import REGISTRY, NodeTree
+from support.settings import NAME, NS, TimeScale, scaled_settings
 from support.waiting import wait_until
 
 CAMPAIGN = "daemon: API faults"
@@ -77,9 +71,7 @@ def holds(node: NodeTree, password: str) -> Callable[[], bool]:
     return lambda: agent_passwords(node) == (password, password)
 
 
-def settle_on(
-    agent: RunningDaemon, node: NodeTree, versions: SecretVersions, *, timeout: float
-) -> float:
+def settle_on(agent: Agent, node: NodeTree, versions: SecretVersions, *, timeout: float) -> float:
     """Wait until both files hold the last valid version and the metrics say in sync."""
     return wait_until(
         lambda: holds(node, versions.last)() and agent.in_sync(),
@@ -105,13 +97,13 @@ def test_a_five_minute_outage_removes_nothing_and_the_node_catches_up_after_it(
     scale = TimeScale(10 if is_full_scale() else 100)
     versions = SecretVersions(kube_api)
     versions.publish()
-    settings = daemon_settings(node, kube_api, scale=scale)
+    settings = scaled_settings(node, kube_api, scale=scale)
     with (
         campaign(record_property, CAMPAIGN, command=COMMAND) as tally,
         NodeMonitor(node, versions) as monitor,
         ExitStack() as daemons,
     ):
-        first = daemons.enter_context(running_daemon(settings, kube_api, scale=scale))
+        first = daemons.enter_context(running_in_process(settings, node, kube_api, scale.timings()))
         settle_on(first, node, versions, timeout=10)
         monitor.removal_allowed = False
         before = node.contents()
@@ -125,8 +117,10 @@ def test_a_five_minute_outage_removes_nothing_and_the_node_catches_up_after_it(
                 monitor.check_now()
                 tally.cases += 1
             # Half-way, the agent restarts (a new pod) and must wait: it has read nothing yet.
-            assert first.stop()
-            second = daemons.enter_context(running_daemon(settings, kube_api, scale=scale))
+            first.stop()
+            second = daemons.enter_context(
+                running_in_process(settings, node, kube_api, scale.timings())
+            )
             for _ in range(5):
                 time.sleep(scale(30))
                 versions.publish()
@@ -134,7 +128,7 @@ def test_a_five_minute_outage_removes_nothing_and_the_node_catches_up_after_it(
                 tally.cases += 1
             ready, reason = second.daemon.parts.health.readiness()
             assert not ready and "waiting for a first good read" in reason
-            assert second.reconciles("applied") + second.reconciles("noop") == 0
+            assert second.passes("applied") + second.passes("noop") == 0
             assert node.contents() == before
             assert second.metric("node_agent_source_errors_total", **UNREACHABLE) >= 1
             attempts = kube_api.refused_connections - refused_before
@@ -150,7 +144,7 @@ def test_a_five_minute_outage_removes_nothing_and_the_node_catches_up_after_it(
             f"outage: caught up {scale.factor * (time.monotonic() - outage_over):.0f} s "
             f"(simulated) after the API came back"
         )
-        assert second.stop()
+        second.stop()
         finish(tally, monitor)
 
 
@@ -167,7 +161,9 @@ def test_an_api_flapping_every_second_removes_nothing_and_the_node_ends_in_sync(
     with (
         campaign(record_property, CAMPAIGN, command=COMMAND) as tally,
         NodeMonitor(node, versions) as monitor,
-        running_daemon(daemon_settings(node, kube_api, scale=FAST), kube_api, scale=FAST) as agent,
+        running_in_process(
+            scaled_settings(node, kube_api, scale=FAST), node, kube_api, FAST.timings()
+        ) as agent,
     ):
         settle_on(agent, node, versions, timeout=10)
         monitor.removal_allowed = False
@@ -188,7 +184,7 @@ def test_an_api_flapping_every_second_removes_nothing_and_the_node_ends_in_sync(
         tally.notes.append(
             f"flapping: caught up within {caught_up_while_up} of {flips // 2} up-phases"
         )
-        assert agent.stop()
+        agent.stop()
         finish(tally, monitor)
 
 
@@ -213,7 +209,7 @@ def storm_step(kube_api: KubeApiServer, versions: SecretVersions, rng: random.Ra
         kube_api.fail_next(410, times=rng.randint(1, 3), verb="watch")
         versions.publish()
     elif kind == "metadata only":  # a new resourceVersion, the same data: nothing to do
-        kube_api.touch_secret(SECRET_NAMESPACE, SECRET_NAME)
+        kube_api.touch_secret(NS, NAME)
         kube_api.compact()
     else:  # history lost again right after the relist
         versions.publish()
@@ -237,7 +233,9 @@ def test_410_storms_while_the_secret_changes_miss_nothing_and_remove_nothing(
     with (
         campaign(record_property, CAMPAIGN, command=COMMAND) as tally,
         NodeMonitor(node, versions) as monitor,
-        running_daemon(daemon_settings(node, kube_api, scale=FAST), kube_api, scale=FAST) as agent,
+        running_in_process(
+            scaled_settings(node, kube_api, scale=FAST), node, kube_api, FAST.timings()
+        ) as agent,
     ):
         settle_on(agent, node, versions, timeout=10)
         monitor.removal_allowed = False
@@ -265,56 +263,52 @@ def test_410_storms_while_the_secret_changes_miss_nothing_and_remove_nothing(
             timeout=5,
             what="credentials removed after the confirmed delete",
         )
-        assert agent.stop()
+        agent.stop()
         finish(tally, monitor)
 
 
 # --- a Secret flipping between valid and invalid --------------------------------------------
 
 
-def _document(document: object) -> dict[str, bytes]:
-    return {".dockerconfigjson": json.dumps(document).encode()}
-
-
 def _entry(password: str) -> dict[str, str]:
-    return {"username": CANARY_USERNAME, "password": password}
+    return login(password, username=CANARY_USERNAME)
 
 
 #: Secret contents the agent must refuse, keeping the last valid version. Some name a
 #: registry of their own: if any of it reached a node file, the monitor would see it.
 INVALID_SECRETS: dict[str, tuple[Mapping[str, bytes], str]] = {
-    "not JSON": ({".dockerconfigjson": b'{"auths": {'}, "kubernetes.io/dockerconfigjson"),
-    "no auths": (_document({"credsStore": "x"}), "kubernetes.io/dockerconfigjson"),
-    "auths not an object": (_document({"auths": []}), "kubernetes.io/dockerconfigjson"),
+    "not JSON": ({".dockerconfigjson": b'{"auths": {'}, DOCKERCONFIG),
+    "no auths": (document_data({"credsStore": "x"}), DOCKERCONFIG),
+    "auths not an object": (document_data({"auths": []}), DOCKERCONFIG),
     "entry not an object": (
-        _document({"auths": {"flip.example": 5}}),
-        "kubernetes.io/dockerconfigjson",
+        document_data({"auths": {"flip.example": 5}}),
+        DOCKERCONFIG,
     ),
     "auth not base64": (
-        _document({"auths": {DAEMON_REGISTRY: {"auth": "not base64!"}}}),
-        "kubernetes.io/dockerconfigjson",
+        document_data({"auths": {REGISTRY: {"auth": "not base64!"}}}),
+        DOCKERCONFIG,
     ),
     "two passwords for one registry": (
-        _document(
+        document_data(
             {
                 "auths": {
-                    DAEMON_REGISTRY: _entry("first-of-two"),
-                    f"https://{DAEMON_REGISTRY}/v2/": _entry("second-of-two"),
+                    REGISTRY: _entry("first-of-two"),
+                    f"https://{REGISTRY}/v2/": _entry("second-of-two"),
                 }
             }
         ),
-        "kubernetes.io/dockerconfigjson",
+        DOCKERCONFIG,
     ),
     "newline in a registry": (
-        _document({"auths": {"flip.example\n/v2": _entry("newline")}}),
-        "kubernetes.io/dockerconfigjson",
+        document_data({"auths": {"flip.example\n/v2": _entry("newline")}}),
+        DOCKERCONFIG,
     ),
-    "wrong key": ({"config.json": b'{"auths": {}}'}, "kubernetes.io/dockerconfigjson"),
-    "no data": ({}, "kubernetes.io/dockerconfigjson"),
+    "wrong key": ({"config.json": b'{"auths": {}}'}, DOCKERCONFIG),
+    "no data": ({}, DOCKERCONFIG),
     # An Opaque Secret is read only for a .dockerconfigjson key; under another key it is
     # still a Secret of the wrong type.
     "Opaque": (
-        {"config.json": dockerconfig_data("flip.example", "u", "p")[".dockerconfigjson"]},
+        {"config.json": registry_login("flip.example", "p", username="u")[".dockerconfigjson"]},
         "Opaque",
     ),
 }
@@ -331,8 +325,8 @@ def test_a_secret_flipping_between_valid_and_invalid_keeps_the_last_valid_versio
     with (
         campaign(record_property, CAMPAIGN, command=COMMAND) as tally,
         NodeMonitor(node, versions) as monitor,
-        running_daemon(
-            daemon_settings(node, kube_api, scale=scale), kube_api, scale=scale
+        running_in_process(
+            scaled_settings(node, kube_api, scale=scale), node, kube_api, scale.timings()
         ) as agent,
     ):
         settle_on(agent, node, versions, timeout=10)
@@ -371,5 +365,5 @@ def test_a_secret_flipping_between_valid_and_invalid_keeps_the_last_valid_versio
             )
             >= 1
         )
-        assert agent.stop()
+        agent.stop()
         finish(tally, monitor)

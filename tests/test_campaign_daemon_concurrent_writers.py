@@ -29,20 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from campaign import (
-    CRI,
-    FOREIGN_JSON,
-    FOREIGN_TOML,
-    AgentProcess,
-    NodeTree,
-    SecretVersions,
-    agent_passwords,
-    campaign,
-    campaign_size,
-    daemon_argv,
-)
+from campaign import SecretVersions, agent_passwords, campaign, campaign_size
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit
+from support.agent import AgentProcess
+from support.node import CRI, FOREIGN_JSON, FOREIGN_TOML, NodeTree
+from support.settings import daemon_argv
 from support.waiting import wait_until
 
 CAMPAIGN = "daemon: concurrent writers"
@@ -132,8 +124,6 @@ date +%s.%N >> "$1"
 """
 
 pytestmark = pytest.mark.usefixtures("leak_audit")
-
-
 
 
 def writer_generation(text: str) -> int | None:

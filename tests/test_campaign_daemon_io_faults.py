@@ -43,23 +43,18 @@ from unittest import mock
 
 import pytest
 from campaign import (
-    FOREIGN_JSON,
-    AgentProcess,
-    NodeTree,
-    RunningDaemon,
     SecretVersions,
-    TimeScale,
     agent_passwords,
     campaign,
     campaign_seed,
     campaign_size,
-    daemon_argv,
-    daemon_settings,
     fill_filesystem,
-    running_daemon,
 )
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit
+from support.agent import Agent, AgentProcess, running_in_process
+from support.node import FOREIGN_JSON, NodeTree
+from support.settings import TimeScale, daemon_argv, scaled_settings
 from support.waiting import wait_until
 
 CAMPAIGN = "daemon: I/O faults"
@@ -85,7 +80,8 @@ class Fault:
     """In the error: the file or directory it names."""
     untouched: tuple[str, ...]
     """What the pass must leave byte-for-byte as it was (`NodeTree.contents` names)."""
-    needs_root: bool = False
+    needs_root: str | None = None
+    """Why injecting it needs root (None: it does not)."""
 
 
 # --- the faults --------------------------------------------------------------------------------
@@ -115,7 +111,7 @@ def disk_full(directory: str) -> Fault:
         os.strerror(errno.ENOSPC),
         NAMED_BY_DIR[directory],
         UNTOUCHED_BY_DIR[directory],
-        needs_root=True,
+        needs_root="a full disk is a small tmpfs mounted over the directory",
     )
 
 
@@ -132,7 +128,7 @@ def read_only(directory: str) -> Fault:
         os.strerror(errno.EROFS),
         NAMED_BY_DIR[directory],
         UNTOUCHED_BY_DIR[directory],
-        needs_root=True,
+        needs_root="a read-only directory is a read-only bind mount over it",
     )
 
 
@@ -148,7 +144,7 @@ def immutable(directory: str) -> Fault:
         os.strerror(errno.EPERM),
         NAMED_BY_DIR[directory],
         UNTOUCHED_BY_DIR[directory],
-        needs_root=True,
+        needs_root="chattr +i takes CAP_LINUX_IMMUTABLE",
     )
 
 
@@ -321,7 +317,7 @@ def unmount(directory: Path) -> None:
     raise AssertionError(f"cannot unmount {directory}: {result.stderr.strip()}\n{holders}")
 
 
-def in_sync_with(agent: RunningDaemon, node: NodeTree, password: str) -> Callable[[], bool]:
+def in_sync_with(agent: Agent, node: NodeTree, password: str) -> Callable[[], bool]:
     def check() -> bool:
         try:
             return agent_passwords(node) == (password, password) and agent.in_sync()
@@ -350,7 +346,7 @@ def error_lines(caplog: pytest.LogCaptureFixture, since: int) -> list[str]:
     ]
 
 
-def failed_event(agent: RunningDaemon, fault: Fault) -> list[dict[str, Any]]:
+def failed_event(agent: Agent, fault: Fault) -> list[dict[str, Any]]:
     return [
         event
         for event in agent.events(FAILED_EVENT)
@@ -372,16 +368,16 @@ def test_every_io_fault_is_reported_keeps_the_old_file_and_clears_by_itself(
     rng = random.Random(campaign_seed())
     versions = SecretVersions(kube_api)
     versions.publish()
-    settings = daemon_settings(node, kube_api, scale=FAST)
+    settings = scaled_settings(node, kube_api, scale=FAST)
     with (
         campaign(record_property, CAMPAIGN, command=COMMAND) as tally,
-        running_daemon(settings, kube_api, scale=FAST) as agent,
+        running_in_process(settings, node, kube_api, FAST.timings()) as agent,
     ):
         wait_until(in_sync_with(agent, node, versions.last), timeout=10, what="first sync")
         for _ in range(rounds):
             for fault in rng.sample(FAULTS, len(FAULTS)):
                 if fault.needs_root and not IS_ROOT:
-                    tally.outcomes["skipped: needs root"] += 1
+                    tally.outcomes[f"skipped, needs root: {fault.needs_root}"] += 1
                     continue
                 tally.cases += 1
                 tally.outcomes[fault.name] += 1
@@ -393,20 +389,20 @@ def test_every_io_fault_is_reported_keeps_the_old_file_and_clears_by_itself(
         tally.outcomes["dangling symlink: refused, nothing created"] += 1
         tracebacks = [r for r in caplog.records if r.exc_info]
         assert not tracebacks, "a traceback was logged"
-        assert agent.stop()
+        agent.stop()
 
 
 def check_fault(
     fault: Fault,
     node: NodeTree,
-    agent: RunningDaemon,
+    agent: Agent,
     versions: SecretVersions,
     caplog: pytest.LogCaptureFixture,
     cleanup: ExitStack,
 ) -> None:
     """Inject, watch the daemon fail cleanly and keep failing the same way, clear, converge."""
-    agent.wait_idle()  # no pass of the case before still under way
-    errors_before = agent.reconciles("error")
+    agent.wait_idle(quiet=0.1)  # no pass of the case before still under way
+    errors_before = agent.passes("error")
     counted_before = sum(event["count"] for event in failed_event(agent, fault))
     logged_from = len(caplog.records)
     clear = fault.inject(node)
@@ -416,7 +412,7 @@ def check_fault(
     # state is saved before any node file is written.
     versions.publish(also=[f"extra-{len(versions.published)}.example"])
     wait_until(
-        lambda: agent.reconciles("error") >= errors_before + 3,
+        lambda: agent.passes("error") >= errors_before + 3,
         timeout=5,
         what=f"{fault.name}: a failed pass and two failed retries",
     )
@@ -467,7 +463,7 @@ def open_descriptors(directory: Path) -> list[str]:
 
 
 def check_symlinks_are_followed(
-    node: NodeTree, agent: RunningDaemon, versions: SecretVersions, leak_audit: LeakAudit
+    node: NodeTree, agent: Agent, versions: SecretVersions, leak_audit: LeakAudit
 ) -> None:
     """README: a symlinked node file is followed and the link kept (the file it names made
     0600); a link to nothing is refused, and nothing is created where it points."""
@@ -524,7 +520,8 @@ def without_dac_override() -> list[str]:
     if not IS_ROOT:
         return []
     if shutil.which("capsh") is None:
-        pytest.skip("capsh (libcap2-bin) not installed")
+        # Root passes every permission check; capsh runs the agent without that power.
+        pytest.skip("capsh (libcap2-bin) not installed: as root, permission faults need it")
     return ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c"]
 
 

@@ -35,22 +35,19 @@ from typing import Any
 
 import pytest
 from campaign import (
-    DAEMON_REGISTRY,
-    FOREIGN_TOML,
     NodeMonitor,
-    NodeTree,
     SecretVersions,
-    TimeScale,
     agent_passwords,
     campaign,
     campaign_size,
-    daemon_settings,
     is_full_scale,
-    running_daemon,
 )
 from fake_cri import CONTAINERD_VERSION, FakeCri
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit
+from support.agent import running_in_process
+from support.node import FOREIGN_TOML, REGISTRY, NodeTree
+from support.settings import TimeScale, scaled_settings
 from support.waiting import wait_until
 
 CAMPAIGN = "daemon: one restart attempt per interval"
@@ -60,7 +57,7 @@ RELOAD_TIMEOUT = 0.2
 # $1 log, $2 config.toml, $3 mode: fail (never starts) | reject (fails on the agent's entry) |
 # ok. An "attempt" is a restart on a config.toml holding the agent's entry.
 RESTART_SCRIPT = f"""#!/bin/sh
-if grep -q '{DAEMON_REGISTRY}' "$2"; then kind=attempt; else kind=rollback; fi
+if grep -q '{REGISTRY}' "$2"; then kind=attempt; else kind=rollback; fi
 sum=$(sha256sum < "$2" | cut -c1-64)
 result=ok
 if [ "$3" = fail ] || {{ [ "$3" = reject ] && [ "$kind" = attempt ]; }}; then result=failed; fi
@@ -143,7 +140,7 @@ def test_a_containerd_that_never_comes_back_gets_one_attempt_per_interval(
     original_sha = hashlib.sha256(FOREIGN_TOML.encode()).hexdigest()
     versions = SecretVersions(kube_api)
     versions.publish()
-    settings = daemon_settings(
+    settings = scaled_settings(
         node,
         kube_api,
         scale=TimeScale(100),
@@ -156,7 +153,7 @@ def test_a_containerd_that_never_comes_back_gets_one_attempt_per_interval(
         with (
             campaign(record_property, CAMPAIGN, command=COMMAND) as tally,
             NodeMonitor(node, versions) as monitor,  # removal allowed: a rollback removes it
-            running_daemon(settings, kube_api, scale=TimeScale(100)) as agent,
+            running_in_process(settings, node, kube_api, TimeScale(100).timings()) as agent,
         ):
             started = time.monotonic()
             while time.monotonic() - started < run_for:  # changes keep coming meanwhile
@@ -167,7 +164,7 @@ def test_a_containerd_that_never_comes_back_gets_one_attempt_per_interval(
                 timeout=5,
                 what="kubelet's file follows the Secret without a restart",
             )
-            assert agent.stop()
+            agent.stop()
             elapsed = time.monotonic() - started
 
             calls = restarts(log)
@@ -221,7 +218,7 @@ def test_the_restart_script_tells_attempts_from_rollbacks(tmp_path: Path) -> Non
     script.write_text(RESTART_SCRIPT)
     config.write_text(FOREIGN_TOML)
     assert os.system(f"/bin/sh {script} {log} {config} reject") == 0
-    config.write_text(FOREIGN_TOML + f'# "{DAEMON_REGISTRY}"\n')
+    config.write_text(FOREIGN_TOML + f'# "{REGISTRY}"\n')
     assert os.system(f"/bin/sh {script} {log} {config} reject 2>/dev/null") != 0
     assert [(r.kind, r.result) for r in restarts(log)] == [
         ("rollback", "ok"),

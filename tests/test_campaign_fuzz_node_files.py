@@ -28,21 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from campaign import (
-    FOREIGN_JSON,
-    FOREIGN_TOML,
-    CliRun,
-    NodeTree,
-    Tally,
-    basic_auth,
-    campaign,
-    fuzz_settings,
-    run_cli,
-    run_cli_process,
-)
+from campaign import CliRun, Tally, campaign, fuzz_settings, run_cli, run_cli_process
 from hypothesis import given
 from hypothesis import strategies as st
 from leak_audit import CANARY_PASSWORD, CANARY_USERNAME, LeakAudit
+from support.dockerconfig import basic_auth
+from support.node import FOREIGN_JSON, FOREIGN_TOML, NodeTree
 from toml_layouts import CRI_BY_VERSION, Table, containerd_data, hosts, toml_documents
 
 REG = "reg.example:5000"

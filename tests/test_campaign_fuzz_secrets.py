@@ -29,22 +29,12 @@ from typing import Any
 
 import pytest
 import yaml
-from campaign import (
-    CRI,
-    FOREIGN_JSON_AUTHS,
-    FOREIGN_TOML_AUTHS,
-    CliRun,
-    NodeTree,
-    Tally,
-    campaign,
-    fuzz_settings,
-    is_full_scale,
-    run_cli,
-    run_cli_process,
-)
+from campaign import CliRun, Tally, campaign, fuzz_settings, is_full_scale, run_cli, run_cli_process
 from hypothesis import given
 from hypothesis import strategies as st
 from leak_audit import CANARY_PASSWORD, CANARY_TOKEN, CANARY_USERNAME, LeakAudit
+from support.dockerconfig import basic_auth
+from support.node import CRI, FOREIGN_JSON_AUTHS, FOREIGN_TOML_AUTHS, NodeTree
 
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_fuzz_secrets.py"
 CAMPAIGN = "bad input: Secrets"
@@ -169,7 +159,7 @@ registry_keys = st.one_of(
     texts,
 )
 auth_fields = st.one_of(
-    st.just(base64.b64encode(f"{CANARY_USERNAME}:{CANARY_PASSWORD}".encode()).decode()),
+    st.just(basic_auth(CANARY_USERNAME, CANARY_PASSWORD)),
     st.just(CANARY_TOKEN),
     st.binary(max_size=24).map(lambda raw: base64.b64encode(raw).decode()),
     texts,

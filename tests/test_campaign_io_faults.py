@@ -33,18 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from campaign import (
-    CRI,
-    FOREIGN_JSON,
-    FOREIGN_TOML,
-    CliRun,
-    NodeTree,
-    agent_process_env,
-    campaign,
-    run_cli,
-)
+from campaign import CliRun, campaign, run_cli
 from leak_audit import CANARY_PASSWORD, CANARY_TOKEN, CANARY_USERNAME, LeakAudit
 from pyfakefs.fake_filesystem_unittest import Patcher
+from support.agent import agent_process_env
+from support.node import CRI, FOREIGN_JSON, FOREIGN_TOML, NodeTree
 
 REG = "reg.example:5000"
 CAMPAIGN = "I/O faults"
@@ -53,9 +46,10 @@ COMMAND = "pytest tests/test_campaign_io_faults.py (as root for the real faults)
 pytestmark = pytest.mark.usefixtures("leak_audit")
 
 
-def needs_root() -> None:
+def needs_root(why: str) -> None:
+    """Skip, saying so, unless this runs as root: `why` names what needs it."""
     if os.geteuid() != 0:
-        pytest.skip("needs root (mounts, chattr, capabilities)")
+        pytest.skip(f"needs root: {why}")
 
 
 @pytest.fixture
@@ -93,7 +87,7 @@ def mounted(*command: str, target: Path) -> Iterator[None]:
 
 @contextmanager
 def tmpfs(directory: Path, *, size: str = "64k") -> Iterator[None]:
-    needs_root()
+    needs_root("a full disk is a small tmpfs mounted over the directory")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     with mounted(
         "mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory), target=directory
@@ -103,7 +97,7 @@ def tmpfs(directory: Path, *, size: str = "64k") -> Iterator[None]:
 
 @contextmanager
 def read_only(directory: Path) -> Iterator[None]:
-    needs_root()
+    needs_root("a read-only directory is a read-only bind mount over it")
     with mounted("mount", "--bind", str(directory), str(directory), target=directory):
         remount = ["mount", "-o", "remount,bind,ro", str(directory), str(directory)]
         subprocess.run(remount, check=True, capture_output=True)
@@ -320,7 +314,7 @@ def test_a_read_only_state_dir_changes_no_node_file(
 def test_an_immutable_kubelet_dir_is_a_clean_refusal(
     node: NodeTree, leak_audit: LeakAudit, fault: Any
 ) -> None:
-    needs_root()
+    needs_root("chattr +i takes CAP_LINUX_IMMUTABLE")
     directory = node.config_json.parent
     if subprocess.run(["chattr", "+i", str(directory)], check=False).returncode != 0:
         pytest.skip("chattr +i not supported here")
@@ -346,7 +340,8 @@ def without_dac_override(audit: LeakAudit, node: NodeTree) -> CliRun:
     if os.geteuid() != 0:
         return run_cli(audit, argv)
     if shutil.which("capsh") is None:
-        pytest.skip("capsh (libcap2-bin) not installed")
+        # Root passes every permission check; capsh runs the agent without that power.
+        pytest.skip("capsh (libcap2-bin) not installed: as root, permission faults need it")
     inner = shlex.join([sys.executable, "-m", "node_agent", *argv])
     result = subprocess.run(
         ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c", inner],

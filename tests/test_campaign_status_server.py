@@ -17,8 +17,6 @@ import os
 import resource
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -28,6 +26,8 @@ from typing import Any
 
 import pytest
 from campaign import Tally, campaign, campaign_size, is_full_scale
+from support.agent import AgentProcess
+from support.dockerconfig import docker_config, login
 
 CAMPAIGN = "status server under attack"
 COMMAND = "NODE_AGENT_CAMPAIGN_SCALE=full pytest tests/test_campaign_status_server.py"
@@ -36,16 +36,10 @@ P99_LIMIT_MS = 100.0
 HEADER = b"X-Filler: " + b"a" * 65_000 + b"\r\n"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass
-class Agent:
-    process: subprocess.Popen[bytes]
-    port: int
+class ProbedAgent(AgentProcess):
+    """The agent as a child process, its RSS and threads sampled, `/healthz` timed."""
+
     samples: list[tuple[float, int]] = field(default_factory=list)
     """(RSS in MB, threads), one per `sample()`."""
 
@@ -73,33 +67,27 @@ class Agent:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
+def agent(tmp_path: Path) -> Iterator[ProbedAgent]:
     secret = tmp_path / "secret.json"
-    secret.write_text('{"auths": {"reg.example": {"username": "u", "password": "p"}}}')
+    secret.write_bytes(docker_config({"reg.example": login("p", username="u")}))
     node = tmp_path / "node"
     for directory in ("etc/containerd", "var/lib/kubelet"):
         (node / directory).mkdir(parents=True)
-    port = free_port()
     argv = [
-        sys.executable, "-m", "node_agent", "run",
         "--secret-file", str(secret), "--host-root", str(node), "--reload", "none",
-        "--metrics-address", f"127.0.0.1:{port}", "--log-level", "warning",
+        "--log-level", "warning",
     ]  # fmt: skip
-    log = (tmp_path / "agent.log").open("wb")
-    process = subprocess.Popen(argv, stdout=log, stderr=log)
-    running = Agent(process, port)
+    running = ProbedAgent.start(argv, log=tmp_path / "agent.log")
     deadline = time.monotonic() + 20
     while True:
         with suppress(OSError, AssertionError):
             running.healthz_ms()
             break
-        assert process.poll() is None, (tmp_path / "agent.log").read_text()
+        assert running.process.poll() is None, running.log_text()
         assert time.monotonic() < deadline, "the agent never answered /healthz"
         time.sleep(0.1)
     yield running
-    process.terminate()
-    process.wait(timeout=10)
-    log.close()
+    running.stop()
 
 
 @contextmanager
@@ -138,7 +126,7 @@ def send_huge_headers(port: int, connections: int, headers: int) -> list[socket.
     return clients
 
 
-def probe_while(agent: Agent, rounds: int, latencies: list[float]) -> None:
+def probe_while(agent: ProbedAgent, rounds: int, latencies: list[float]) -> None:
     for _ in range(rounds):
         latencies.append(agent.healthz_ms())
         agent.sample()
@@ -148,7 +136,9 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
 
 
-def record(tally: Tally, name: str, latencies: list[float], agent: Agent, before: float) -> None:
+def record(
+    tally: Tally, name: str, latencies: list[float], agent: ProbedAgent, before: float
+) -> None:
     peak_rss = max(rss for rss, _ in agent.samples)
     tally.notes.append(
         f"{name}: /healthz p50 {statistics.median(latencies):.1f} ms, p99 "
@@ -158,7 +148,7 @@ def record(tally: Tally, name: str, latencies: list[float], agent: Agent, before
 
 
 def test_slow_clients_huge_headers_and_a_mass_close_leave_the_agent_flat(
-    agent: Agent, record_property: Any
+    agent: ProbedAgent, record_property: Any
 ) -> None:
     slow = campaign_size(quick=300, full=6000)
     header_clients = campaign_size(quick=10, full=40)

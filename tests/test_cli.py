@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.dockerconfig import docker_config
 
 from node_agent.cli import main, parse_duration
 
@@ -18,7 +19,7 @@ CRI = "io.containerd.grpc.v1.cri"
 
 def secret_file(tmp_path: Path, auths: dict[str, object]) -> Path:
     path = tmp_path / "secret.json"
-    path.write_text(json.dumps({"auths": auths}))
+    path.write_bytes(docker_config(auths))
     return path
 
 

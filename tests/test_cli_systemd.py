@@ -2,7 +2,6 @@
 paths under `--host-root`: D-Bus RestartUnit on a fake systemd (a real private dbus-daemon),
 then CRI Version on a fake CRI server (a real gRPC server) at the node's containerd socket."""
 
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 from fake_cri import FakeCri
 from fake_systemd import FakeSystemd, private_bus
+from support.dockerconfig import docker_config, login
 
 from node_agent.cli import main
 
@@ -25,8 +25,7 @@ class Node:
 
     def reconcile(self, password: str) -> int:
         secret = self.root.parent / "secret.json"
-        auths = {"reg.example": {"username": "u", "password": password}}
-        secret.write_text(json.dumps({"auths": auths}))
+        secret.write_bytes(docker_config({"reg.example": login(password, username="u")}))
         return main(
             ["reconcile", "--secret-file", str(secret), "--host-root", str(self.root)], environ={}
         )

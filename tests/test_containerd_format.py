@@ -1245,3 +1245,31 @@ def test_tomlkit_renders_trivia_trail_right_after_a_line() -> None:
     assert document.as_string() == (
         "[a] # header\n<after header>\nx.y = 1 # field\n<after field>\n[b]\n"
     )
+
+
+PARENTS_AFTER_CHILDREN = (
+    "version = 2\n[plugins]\n"
+    f'  [{CRI}.registry.configs."reg.example"]\n'
+    f"  [{CRI}.registry.configs]\n"
+    f"  [{CRI}.registry]\n"
+)
+
+
+def test_a_config_toml_with_parents_after_children_is_edited_not_a_traceback() -> None:
+    """Found by: node-file fuzz (RELIABILITY.md, "Bugs found")."""
+    # tomlkit before 0.15.3 raised AttributeError on this valid TOML; 0.15.3 loads it.
+    file_format = ContainerdFormat()
+    entry = {"username": "u", "password": "p"}
+    edited = file_format.render(PARENTS_AFTER_CHILDREN, {"reg.example": entry})
+    assert file_format.entries(edited) == {"reg.example": entry}
+    assert file_format.entries(file_format.render(edited, {"reg.example": None})) == {}
+
+
+def test_a_config_toml_nested_too_deeply_is_refused() -> None:
+    """Found by: node-file fuzz (RELIABILITY.md, "Bugs found")."""
+    file_format = ContainerdFormat()
+    with pytest.raises(FormatError, match="refusing"):
+        file_format.render(
+            "version = 2\na = " + "[" * 5000 + "]" * 5000 + "\n",
+            {"reg.example": {"username": "u", "password": "p"}},
+        )

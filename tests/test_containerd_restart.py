@@ -365,3 +365,36 @@ def test_restart_and_check_shares_one_budget(socket_path: str) -> None:
     with pytest.raises(RestartFailed, match="did not answer Version"):
         restart_and_check(CommandRestarter(["sleep", "0.6"]), socket_path=socket_path, timeout=1.0)
     assert 1.0 <= time.monotonic() - started < 1.6
+
+
+@pytest.fixture
+def cri_without_version(socket_path: str) -> Iterator[str]:
+    """containerd up, its CRI plugin down: Version answers UNIMPLEMENTED."""
+    fake = FakeCri(socket_path, version=None).start()
+    yield socket_path
+    fake.stop()
+
+
+class SlowRestart:
+    """A restart that takes a little longer every time, like a real one."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def restart(self, *, timeout: float) -> None:
+        self.calls += 1
+        time.sleep(0.02 * self.calls)
+
+
+def test_the_cri_timeout_error_reads_the_same_on_every_retry(cri_without_version: str) -> None:
+    """Found by: one restart attempt per interval. The error named the seconds left of the
+    budget after the restart ("within 0.191181s"), different every time: each retry was a
+    new Event (and a new ERROR log line) instead of a count on the first."""
+    restarter = SlowRestart()
+    messages = []
+    for _ in range(2):
+        with pytest.raises(RestartFailed) as failure:
+            restart_and_check(restarter, socket_path=cri_without_version, timeout=0.3)
+        messages.append(str(failure.value))
+    assert messages[0] == messages[1]
+    assert "did not answer Version within 0.3s" in messages[0]

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.dockerconfig import docker_config
 
 from node_agent.credentials import (
     DOCKER_HUB,
@@ -25,10 +26,6 @@ PASSWORD = "s3cr3t-Pa55"
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-def dockerconfigjson(auths: object) -> bytes:
-    return json.dumps({"auths": auths}).encode()
 
 
 @pytest.mark.parametrize(
@@ -59,30 +56,30 @@ def test_keys_without_a_valid_host_are_rejected(key: str) -> None:
 
 
 def test_dockerconfigjson_with_username_and_password() -> None:
-    raw = dockerconfigjson({"reg.example": {"username": "u", "password": PASSWORD}})
+    raw = docker_config({"reg.example": {"username": "u", "password": PASSWORD}})
     assert parse_document("s", raw) == {"reg.example": RegistryAuth("u", PASSWORD)}
 
 
 def test_auth_field_is_decoded_and_wins_over_username_password() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {"reg.example": {"auth": b64(f"u:{PASSWORD}"), "username": "x", "password": "y"}}
     )
     assert parse_document("s", raw) == {"reg.example": RegistryAuth("u", PASSWORD)}
 
 
 def test_auth_splits_at_the_first_colon() -> None:
-    raw = dockerconfigjson({"reg.example": {"auth": b64("u:pa:ss")}})
+    raw = docker_config({"reg.example": {"auth": b64("u:pa:ss")}})
     assert parse_document("s", raw)["reg.example"].password == "pa:ss"
 
 
 def test_unpadded_base64_auth_is_accepted_like_kubelet_does() -> None:
     unpadded = b64("user:pw").rstrip("=")
-    raw = dockerconfigjson({"reg.example": {"auth": unpadded}})
+    raw = docker_config({"reg.example": {"auth": unpadded}})
     assert parse_document("s", raw)["reg.example"] == RegistryAuth("user", "pw")
 
 
 def test_identitytoken_only_entry() -> None:
-    raw = dockerconfigjson({"reg.example": {"identitytoken": "tok"}})
+    raw = docker_config({"reg.example": {"identitytoken": "tok"}})
     assert parse_document("s", raw) == {"reg.example": RegistryAuth(identitytoken="tok")}
 
 
@@ -92,7 +89,7 @@ def test_legacy_dockercfg_document() -> None:
 
 
 def test_secret_manifest_yaml_with_base64_data() -> None:
-    inner = dockerconfigjson({"reg.example": {"auth": b64("u:p")}})
+    inner = docker_config({"reg.example": {"auth": b64("u:p")}})
     manifest = (
         "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/dockerconfigjson\n"
         f"data:\n  .dockerconfigjson: {base64.b64encode(inner).decode()}\n"
@@ -120,7 +117,7 @@ def opaque_manifest(data: dict[str, str], *, field: str = "data") -> bytes:
 
 @pytest.mark.parametrize("field", ["data", "stringData"])
 def test_an_opaque_secret_with_a_dockerconfigjson_key_is_read_with_a_warning(field: str) -> None:
-    inner = dockerconfigjson({"reg.example": {"auth": b64(f"u:{PASSWORD}")}}).decode()
+    inner = docker_config({"reg.example": {"auth": b64(f"u:{PASSWORD}")}}).decode()
     value = b64(inner) if field == "data" else inner
     warnings: list[str] = []
     parsed = parse_document(
@@ -133,7 +130,7 @@ def test_an_opaque_secret_with_a_dockerconfigjson_key_is_read_with_a_warning(fie
 
 
 def test_an_opaque_secret_from_the_api_with_a_dockerconfigjson_key_is_read_with_a_warning() -> None:
-    inner = dockerconfigjson({"reg.example": {"username": "u", "password": PASSWORD}})
+    inner = docker_config({"reg.example": {"username": "u", "password": PASSWORD}})
     warnings: list[str] = []
     parsed = parse_secret_data("ns/name", "Opaque", {".dockerconfigjson": inner}, warnings)
     assert parsed == {"reg.example": RegistryAuth("u", PASSWORD)}
@@ -143,9 +140,9 @@ def test_an_opaque_secret_from_the_api_with_a_dockerconfigjson_key_is_read_with_
 @pytest.mark.parametrize(
     ("secret_type", "data"),
     [
-        ("Opaque", {"config.json": dockerconfigjson({})}),  # the document under another key
+        ("Opaque", {"config.json": docker_config({})}),  # the document under another key
         ("Opaque", {".dockercfg": b"{}"}),  # only .dockerconfigjson is taken for its type
-        ("kubernetes.io/basic-auth", {".dockerconfigjson": dockerconfigjson({})}),
+        ("kubernetes.io/basic-auth", {".dockerconfigjson": docker_config({})}),
     ],
 )
 def test_a_secret_of_another_type_is_invalid_showing_the_type_and_how_to_create_one(
@@ -175,7 +172,7 @@ def test_a_hostile_type_is_shown_escaped_and_bounded() -> None:
 
 
 def test_docker_hub_aliases_are_one_registry() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {
             "https://index.docker.io/v1/": {"auth": b64("u:p")},
             "docker.io": {"username": "u", "password": "p"},
@@ -185,7 +182,7 @@ def test_docker_hub_aliases_are_one_registry() -> None:
 
 
 def test_two_credentials_for_one_registry_in_one_source_is_an_error() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {"docker.io": {"auth": b64("u:p")}, "index.docker.io": {"auth": b64("u:other")}}
     )
     with pytest.raises(InvalidCredentials, match=r'auths\["index.docker.io"\]: a different'):
@@ -223,7 +220,7 @@ BAD_INPUT = [
     ("bad base64", b'{"auths": {"r.example": {"auth": "%%%"}}}', ".auth", "base64"),
     (
         "auth without a colon",
-        dockerconfigjson({"r.example": {"auth": b64("nocolon")}}),
+        docker_config({"r.example": {"auth": b64("nocolon")}}),
         ".auth",
         "no ':'",
     ),
@@ -276,7 +273,7 @@ def test_bad_input_is_one_clear_error_naming_source_and_field(
 
 
 def test_errors_never_contain_credential_values() -> None:
-    raw = dockerconfigjson(
+    raw = docker_config(
         {"r.example": {"auth": b64(PASSWORD)}}  # no colon: an error about this very value
     )
     with pytest.raises(InvalidCredentials) as caught:
@@ -298,7 +295,7 @@ def test_mounted_secret_volume_directory(tmp_path: Path) -> None:
     # kubelet publishes Secret keys as symlinks into a ..data directory it swaps atomically.
     data = tmp_path / "..2026_11_25_12_00_00.1"
     data.mkdir()
-    (data / ".dockerconfigjson").write_bytes(dockerconfigjson({"r.example": {"auth": b64("u:p")}}))
+    (data / ".dockerconfigjson").write_bytes(docker_config({"r.example": {"auth": b64("u:p")}}))
     (tmp_path / "..data").symlink_to(data.name)
     (tmp_path / ".dockerconfigjson").symlink_to("..data/.dockerconfigjson")
     assert load_secret_file(tmp_path) == {"r.example": RegistryAuth("u", "p")}
@@ -311,10 +308,10 @@ def test_directory_without_a_docker_config_key_is_an_error(tmp_path: Path) -> No
 
 def test_fallback_sources_only_fill_gaps(tmp_path: Path) -> None:
     primary = tmp_path / "primary.json"
-    primary.write_bytes(dockerconfigjson({"a.example": {"auth": b64("p:1")}}))
+    primary.write_bytes(docker_config({"a.example": {"auth": b64("p:1")}}))
     fallback = tmp_path / "fallback.json"
     fallback.write_bytes(
-        dockerconfigjson({"a.example": {"auth": b64("f:2")}, "b.example": {"auth": b64("f:3")}})
+        docker_config({"a.example": {"auth": b64("f:2")}, "b.example": {"auth": b64("f:3")}})
     )
     assert load_credentials([primary], [fallback]) == {
         "a.example": RegistryAuth("p", "1"),
@@ -346,3 +343,29 @@ def test_what_kubectl_create_secret_docker_registry_prints_is_accepted_as_is() -
     assert parse_document("kubectl", printed) == {
         "registry.example.com:5000": RegistryAuth("puller", PASSWORD)
     }
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["https://reg.example\n/v2/", "reg.example:5000\n/x", "\u212aeg.example", "r\u0130.example"],
+    ids=["newline before the path", "newline after the port", "KELVIN SIGN", "dotted capital I"],
+)
+def test_a_registry_key_that_is_no_plain_host_is_refused(key: str) -> None:
+    """Found by: Secrets fuzz (RELIABILITY.md, "Bugs found")."""
+    with pytest.raises(ValueError, match="not a valid registry host"):
+        normalise_registry(key)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"auths": {"reg.example": {"auth": "\\u00e9t\\u00e9"}}}',
+        b'{"kind": "Secret", "type": "kubernetes.io/dockerconfigjson",'
+        b' "data": {".dockerconfigjson": "\\u00e9"}}',
+    ],
+    ids=["auth", "Secret data"],
+)
+def test_non_ascii_base64_is_invalid_credentials_not_a_traceback(document: bytes) -> None:
+    """Found by: Secrets fuzz (RELIABILITY.md, "Bugs found")."""
+    with pytest.raises(InvalidCredentials, match="not valid base64"):
+        parse_document("secret.json", document)

@@ -10,23 +10,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DOCKERCONFIG,
+from kubeapi import KubeApiServer
+from support.agent import Agent, start_in_process
+from support.dockerconfig import DOCKERCONFIG, registry_login
+from support.kubelet_credential_provider import config_errors, request, response_errors, run_plugin
+from support.node import REGISTRY, NodeTree
+from support.settings import (
     NAME,
     NODE_NAME,
     NS,
-    REGISTRY,
     RESTART_SCRIPT,
-    Agent,
-    Node,
     agent_settings,
     create_secret,
-    dockerconfig,
-    start_daemon,
+    fast_timings,
+    restart_script_command,
     update_secret,
 )
-from kubeapi import KubeApiServer
-from support.kubelet_credential_provider import config_errors, request, response_errors, run_plugin
 from support.waiting import wait_until
 
 from node_agent.targets.credential_provider import PLUGIN_NAME, RESPONSE_NAME
@@ -44,7 +43,7 @@ def start_agent(
 ) -> Iterator[StartAgent]:
     """Start a daemon with only the credential-provider target, and a restart command that
     counts containerd restarts (it must never run)."""
-    node = Node.create(tmp_path / "node")
+    node = NodeTree.create(tmp_path / "node")
     (node.root / "bin").mkdir()
     script = tmp_path / "restart.sh"
     script.write_text(RESTART_SCRIPT)
@@ -61,7 +60,8 @@ def start_agent(
             for name in (PLUGIN_NAME, RESPONSE_NAME):
                 shutil.copy2(NODE_FILES / name, node.root / "bin" / name)
             shutil.copy2(NODE_FILES / "config.yaml", node.root / "provider-config.yaml")
-        settings = agent_settings(node, kube_api, cri_socket=cri_socket, restart_script=script)
+        restart = restart_script_command(node, script)
+        settings = agent_settings(node, kube_api, cri_socket=cri_socket, restart_command=restart)
         node_settings = replace(
             settings.node,
             targets=("credential-provider",),
@@ -70,7 +70,7 @@ def start_agent(
             credential_provider_match_images=match_images,
         )
         settings = replace(settings, node=node_settings, recover_stuck_pods=recover_stuck_pods)
-        running.append(Agent(start_daemon(settings), node, kube_api))
+        running.append(start_in_process(settings, node, kube_api, fast_timings()))
         return running[-1]
 
     yield start
@@ -184,7 +184,7 @@ def test_a_pod_stuck_on_the_registry_is_evicted_once_the_plugin_answers_for_it(
     image = "portless.example/team/app:1"
     kube_api.create_pod("team", "app-1", node=NODE_NAME, image=image, waiting="ErrImagePull")
     agent = start_agent(match_images="all", recover_stuck_pods=True, provisioned=True)
-    secret = dockerconfig("pw-fixed", "portless.example")
+    secret = registry_login("portless.example", "pw-fixed")
     kube_api.create_secret(NS, NAME, secret, type=DOCKERCONFIG)
     wait_until(kube_api.evictions, 5.0, "app-1 evicted once the plugin answers")
     assert kube_api.evictions() == [("team", "app-1")]

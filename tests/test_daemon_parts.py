@@ -1,28 +1,33 @@
-"""The daemon's parts on their own: the queue's timing rule, the restart gate, the sources'
+"""The daemon's parts on their own: the queue's timing rule, the sources'
 "last good credentials" rules, drift classification, readiness, and the `run` flags."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from support.dockerconfig import docker_config, login
+from support.events import RecordedEvents
 
 from node_agent.cli import build_parser, daemon_settings_from, main
 from node_agent.credentials import RegistryAuth
 from node_agent.daemon.credential_sources import CredentialSources
-from node_agent.daemon.outcomes import Settled, written_targets
-from node_agent.daemon.reporting import DaemonReporter, EventType, Readiness, readiness_of
-from node_agent.daemon.restarts import RestartGate
+from node_agent.daemon.outcomes import Settled, read_fingerprint, written_targets
+from node_agent.daemon.reporting import (
+    RECONCILE_FAILED,
+    ROLLED_BACK,
+    DaemonReporter,
+    Readiness,
+    readiness_of,
+)
 from node_agent.daemon.work_queue import Batch, Trigger, WorkQueue, next_run_at
-from node_agent.daemon.worker import START, Worker
-from node_agent.errors import RestartFailed
+from node_agent.daemon.worker import START, PassReport, Worker
 from node_agent.kube.model import ObjectRef
 from node_agent.kube.secret_watch import SecretContent, SecretSnapshot
 from node_agent.metrics import AgentMetrics
@@ -31,7 +36,6 @@ from node_agent.reconcile import NodeFile, Reconciler, fingerprint
 from node_agent.settings import DaemonSettings, RestartCoordination
 from node_agent.status_server import Health
 from node_agent.targets import Entry
-from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
 
 SECRET = ObjectRef("kube-system", "registry-credentials")
@@ -41,11 +45,9 @@ DOCKERCONFIG = "kubernetes.io/dockerconfigjson"
 
 def auths(**passwords: str) -> bytes:
     """A .dockerconfigjson with one `puller` credential per registry (`_` stands for `.`)."""
-    entries = {
-        name.replace("_", "."): {"username": "puller", "password": password}
-        for name, password in passwords.items()
-    }
-    return json.dumps({"auths": entries}).encode()
+    return docker_config(
+        {name.replace("_", "."): login(password) for name, password in passwords.items()}
+    )
 
 
 def snapshot(data: bytes | None, rv: str = "1") -> SecretSnapshot:
@@ -131,58 +133,6 @@ def test_close_wakes_a_waiting_worker_at_once() -> None:
     worker.join(2)
     assert taken == [None]
     assert time.monotonic() - started < 0.1
-
-
-# --- containerd restarts ------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FlakyContainerd:
-    def __init__(self, results: list[bool]) -> None:
-        self.results = results
-
-    def restart_and_verify(self) -> None:
-        if not self.results.pop(0):
-            raise RestartFailed("CRI did not answer")
-
-
-def test_every_attempt_closes_the_gate_for_the_interval_failed_ones_too(tmp_path: Path) -> None:
-    clock = Clock()
-    gate = RestartGate(min_interval=30, clock=clock)
-    secret_file = tmp_path / "secret.json"
-    secret_file.write_bytes(auths(reg_example="pw"))
-    config_toml = NodeFile(ContainerdFormat(), tmp_path / "config.toml", restarts_containerd=True)
-    store = StateStore(tmp_path / "state")
-    reconciler = Reconciler([config_toml], store, FlakyContainerd([False, True]), clock=clock)
-    worker = Worker(
-        queue=WorkQueue(debounce=0.0, clock=clock),
-        sources=CredentialSources(files=[secret_file]),
-        reconciler=reconciler,
-        reporter=DaemonReporter(
-            metrics=AgentMetrics(CollectorRegistry(), process=False),
-            events=RecordedEvents(),
-            readiness=Readiness(Health(), CredentialSources()),
-        ),
-        readiness=Readiness(Health(), CredentialSources()),
-        health=Health(),
-        gate=gate,
-        clock=clock,
-    )
-    assert gate.is_open()
-    report = worker.handle(Batch(frozenset({START})))
-    assert report is not None and (report.result, report.restart) == ("error", "rolled_back")
-    assert not gate.is_open()
-    clock.now += 29.9
-    assert not gate.is_open()
-    clock.now += 0.1
-    assert gate.is_open()
 
 
 # --- sources ------------------------------------------------------------------------------
@@ -505,17 +455,6 @@ class BuggyKubeletFormat(KubeletFormat):
         raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
 
 
-@dataclass
-class RecordedEvents:
-    recorded: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def record(self, reason: str, message: str, *, type: EventType = "Normal") -> None:
-        self.recorded.append((type, reason, message))
-
-    def close(self, timeout: float = 2.0) -> bool:
-        return True
-
-
 def test_a_bug_in_a_pass_counts_as_an_error_turns_readiness_off_and_raises_an_event(
     tmp_path: Path,
 ) -> None:
@@ -553,3 +492,53 @@ def test_a_bug_in_a_pass_counts_as_an_error_turns_readiness_off_and_raises_an_ev
         ("Warning", "RegistryCredentialsReconcileFailed")
     ]
     assert not config_json.exists()
+
+
+def test_the_daemon_never_waits_on_a_fifo_where_a_node_file_should_be(tmp_path: Path) -> None:
+    """Found by: daemon I/O faults. The worker's fingerprint of a node file opened a FIFO for
+    a blocking read: the worker hung until someone wrote to the FIFO, and removing the FIFO
+    did not wake it."""
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    answers: list[object] = []
+    reader = threading.Thread(target=lambda: answers.append(read_fingerprint(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=2)
+    if reader.is_alive():  # the bug: release the reader before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_fingerprint waited for a writer on a FIFO")
+    (answer,) = answers
+    assert isinstance(answer, str) and "not a regular file" in answer
+
+
+# --- the failed-pass Event -----------------------------------------------------------------
+
+
+def reporter(events: RecordedEvents) -> DaemonReporter:
+    readiness = Readiness(Health(), CredentialSources(files=()))
+    return DaemonReporter(metrics=AgentMetrics(), events=events, readiness=readiness)
+
+
+def test_a_failed_pass_is_a_warning_event_with_the_one_line_error_the_same_for_each_retry() -> None:
+    events = RecordedEvents()
+    error = "/etc/containerd/config.toml: cannot write: No space left on device"
+    for _ in range(3):
+        reporter(events).pass_done(PassReport(result="error", error=error))
+    expected = ("Warning", RECONCILE_FAILED, f"reconcile failed: {error}; retrying with backoff")
+    # Identical occurrences: the recorder turns them into one Event with count 3.
+    assert events.recorded == [expected] * 3
+
+
+def test_a_rolled_back_restart_is_reported_once_not_also_as_a_failed_pass() -> None:
+    events = RecordedEvents()
+    reporter(events).pass_done(
+        PassReport(result="error", restart="rolled_back", error="restart failed; restored")
+    )
+    assert [reason for _, reason, _ in events.recorded] == [ROLLED_BACK]
+
+
+def test_a_multi_line_error_becomes_one_line_in_the_event() -> None:
+    events = RecordedEvents()
+    reporter(events).pass_done(PassReport(result="error", error="first line\nsecond line"))
+    (_, _, message), *_ = events.recorded
+    assert "\n" not in message and "first line second line" in message

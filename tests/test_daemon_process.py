@@ -12,19 +12,10 @@ from pathlib import Path
 
 import pytest
 from kubeapi import KubeApiServer
+from support.dockerconfig import DOCKERCONFIG, registry_login
+from support.node import REGISTRY
+from support.settings import NAME, NS
 from support.waiting import wait_until
-
-NS = "kube-system"
-NAME = "registry-credentials"
-REGISTRY = "reg.example:5000"
-DOCKERCONFIG = "kubernetes.io/dockerconfigjson"
-
-
-def dockerconfig(password: str) -> dict[str, bytes]:
-    document = {"auths": {REGISTRY: {"username": "puller", "password": password}}}
-    return {".dockerconfigjson": json.dumps(document).encode()}
-
-
 
 
 @pytest.fixture
@@ -73,7 +64,7 @@ def test_sigterm_during_a_pass_finishes_it_and_exits_0_within_5s_leaving_no_temp
     script.write_text(
         f"#!/bin/sh\necho started >> {started_log}\nsleep 1\necho done >> {restarts}\n"
     )
-    kube_api.create_secret(NS, NAME, dockerconfig("Pa55-before"), type=DOCKERCONFIG)
+    kube_api.create_secret(NS, NAME, registry_login(REGISTRY, "Pa55-before"), type=DOCKERCONFIG)
     command = agent_command(
         node,
         "--secret",
@@ -98,7 +89,7 @@ def test_sigterm_during_a_pass_finishes_it_and_exits_0_within_5s_leaving_no_temp
     agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(restarts.exists, timeout=10.0)  # the first pass is done
-        kube_api.update_secret(NS, NAME, dockerconfig("Pa55-rotated"))
+        kube_api.update_secret(NS, NAME, registry_login(REGISTRY, "Pa55-rotated"))
         wait_until(lambda: "cHVsbGVyOlBhNTUtcm90YXRlZA==" in kubelet_text(node), timeout=10.0)
         wait_until(lambda: started_log.read_text().split() == ["started", "started"], timeout=10.0)
         started = time.monotonic()
@@ -119,7 +110,7 @@ def test_sigterm_during_a_pass_finishes_it_and_exits_0_within_5s_leaving_no_temp
 
 def test_sigint_on_an_idle_file_only_agent_exits_0_at_once(node: Path, tmp_path: Path) -> None:
     secret = tmp_path / "secret.json"
-    secret.write_bytes(dockerconfig("pw")[".dockerconfigjson"])
+    secret.write_bytes(registry_login(REGISTRY, "pw")[".dockerconfigjson"])
     command = agent_command(node, "--secret-file", str(secret), "--reload", "none")
     agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
@@ -135,7 +126,7 @@ def test_sigint_on_an_idle_file_only_agent_exits_0_at_once(node: Path, tmp_path:
 
 def test_once_runs_one_pass_and_exits(kube_api: KubeApiServer, node: Path) -> None:
     assert kube_api.kubeconfig_path is not None
-    kube_api.create_secret(NS, NAME, dockerconfig("pw"), type=DOCKERCONFIG)
+    kube_api.create_secret(NS, NAME, registry_login(REGISTRY, "pw"), type=DOCKERCONFIG)
     api_flags = ("--secret", f"{NS}/{NAME}", "--kubeconfig", str(kube_api.kubeconfig_path))
     command = agent_command(node, *api_flags, "--no-events", "--reload", "none", "--once")
     result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
@@ -168,7 +159,7 @@ def test_commands_without_api_sources_never_import_kubernetes(
     node: Path, tmp_path: Path, command: list[str], imported: list[str]
 ) -> None:
     secret = tmp_path / "secret.json"
-    secret.write_bytes(dockerconfig("pw")[".dockerconfigjson"])
+    secret.write_bytes(registry_login(REGISTRY, "pw")[".dockerconfigjson"])
     flags = ["--secret-file", str(secret), "--host-root", str(node), "--reload", "none"]
     result = subprocess.run(
         [sys.executable, "-c", IMPORTS_PROBE, *command, *flags],

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from support.dockerconfig import docker_config
 
 from node_agent.cli import main
 from node_agent.credentials import parse_document
@@ -37,7 +38,7 @@ def host(tmp_path: Path) -> Path:
 
 def reconcile(host: Path, tmp_path: Path, auths: object, *extra: str) -> int:
     secret = tmp_path / "secret.json"
-    secret.write_text(json.dumps({"auths": auths}))
+    secret.write_bytes(docker_config(auths))
     flags = ["--secret-file", str(secret), "--host-root", str(host), "--reload", "none"]
     return main(["reconcile", *flags, *extra], environ={})
 

@@ -14,7 +14,7 @@ import pytest
 from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
 from node_agent.errors import InternalError, RestartFailed, UnsupportedConfig, WriteFailed
 from node_agent.ownership import AgentState, StateStore
-from node_agent.reconcile import NodeFile, Reconciler
+from node_agent.reconcile import NodeFile, Outcome, Reconciler
 from node_agent.targets import Entry
 from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
@@ -500,3 +500,97 @@ def test_a_missing_directory_fails_before_anything_is_written(
     kept = json_path if missing == "containerd" else toml_path
     assert kept.read_text() == (KUBELET_CONFIG if kept == json_path else CONTAINERD_CONFIG)
     assert not (tmp_path / "state").exists()
+
+
+# --- a kill around a containerd restart ----------------------------------------------------
+
+
+REJECTED = "rejected.example"  # containerd of these tests does not start with this in its config
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@dataclass
+class RejectingContainerd:
+    """Runs the config.toml it was last restarted on; fails to start on one naming
+    `REJECTED`. `kill_after_failed_restart` kills the agent right after such a failure."""
+
+    config: Path
+    running: str | None = None
+    kill_after_failed_restart: bool = False
+
+    def restart_and_verify(self) -> None:
+        text = self.config.read_text() if self.config.exists() else ""
+        if REJECTED in text:
+            self.running = None
+            if self.kill_after_failed_restart:
+                raise Killed
+            raise RestartFailed("CRI did not answer")
+        self.running = text
+
+
+def assert_rolled_back(outcome: Outcome) -> None:
+    assert outcome.restart is not None and outcome.restart.result == "rolled_back"
+    assert outcome.restart.error is not None
+    assert "previous config.toml restored" in outcome.restart.error
+
+
+def reconciler_for(root: Path, containerd: RejectingContainerd) -> Reconciler:
+    files = [
+        NodeFile(ContainerdFormat(), root / "config.toml", restarts_containerd=True),
+        NodeFile(KubeletFormat(), root / "config.json"),
+    ]
+    return Reconciler(files, StateStore(root / "state"), containerd)
+
+
+REJECTED_CREDENTIALS = {REJECTED: RegistryAuth("u", "p")}
+
+
+def test_a_kill_between_a_failed_restart_and_its_rollback_is_rolled_back_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """Found by: crash (RELIABILITY.md, "Bugs found")."""
+    (tmp_path / "config.toml").write_text("version = 2\n")
+    containerd = RejectingContainerd(tmp_path / "config.toml", kill_after_failed_restart=True)
+    with pytest.raises(Killed):
+        reconciler_for(tmp_path, containerd).reconcile(REJECTED_CREDENTIALS)
+    containerd.kill_after_failed_restart = False
+    outcome = reconciler_for(tmp_path, containerd).reconcile(REJECTED_CREDENTIALS)
+    assert_rolled_back(outcome)
+    assert (tmp_path / "config.toml").read_text() == "version = 2\n"
+    assert containerd.running == "version = 2\n"  # up again, on the old config
+
+
+def test_a_kill_before_the_restart_of_a_rejected_config_is_rolled_back_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """Found by: crash (RELIABILITY.md, "Bugs found")."""
+    class KilledBeforeRestart(RejectingContainerd):
+        def restart_and_verify(self) -> None:
+            raise Killed
+
+    (tmp_path / "config.toml").write_text("version = 2\n")
+    with pytest.raises(Killed):
+        reconciler_for(tmp_path, KilledBeforeRestart(tmp_path / "config.toml")).reconcile(
+            REJECTED_CREDENTIALS
+        )
+    assert REJECTED in (tmp_path / "config.toml").read_text()  # written, never restarted
+    containerd = RejectingContainerd(tmp_path / "config.toml")
+    outcome = reconciler_for(tmp_path, containerd).reconcile(REJECTED_CREDENTIALS)
+    assert_rolled_back(outcome)
+    assert (tmp_path / "config.toml").read_text() == "version = 2\n"
+    assert StateStore(tmp_path / "state").load().containerd_last_good is None
+
+
+def test_a_temp_file_beside_a_node_file_that_needs_no_write_is_removed(tmp_path: Path) -> None:
+    """Found by: crash (RELIABILITY.md, "Bugs found")."""
+    containerd = RejectingContainerd(tmp_path / "config.toml")
+    credentials = {"reg.example": RegistryAuth("u", "p")}
+    reconciler_for(tmp_path, containerd).reconcile(credentials)
+    leftover = tmp_path / ".config.toml.node-agent-4242.tmp"
+    leftover.write_text("half of an old config")
+    outcome = reconciler_for(tmp_path, containerd).reconcile(credentials)
+    assert not outcome.changed
+    assert not leftover.exists()

@@ -12,17 +12,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
+from kubeapi import KubeApiServer
+from support.agent import Agent, start_in_process
+from support.node import REGISTRY, NodeTree
+from support.settings import (
     NODE_NAME,
-    REGISTRY,
     RESTART_SCRIPT,
-    Agent,
-    Node,
     agent_settings,
     create_secret,
-    start_daemon,
+    fast_timings,
+    restart_script_command,
 )
-from kubeapi import KubeApiServer
 from support.waiting import wait_until
 
 from node_agent.cli import build_parser, daemon_settings_from, main
@@ -170,13 +170,8 @@ StartAgent = Callable[..., Agent]
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node.create(tmp_path / "node")
-
-
-@pytest.fixture
 def start_agent(
-    node: Node, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
+    node: NodeTree, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
 ) -> Iterator[StartAgent]:
     running: list[Agent] = []
     script = tmp_path / "restart.sh"
@@ -186,15 +181,14 @@ def start_agent(
     def start(
         *, recover: bool, restart: bool = False, targets: tuple[str, ...] = DEFAULT_TARGETS
     ) -> Agent:
-        settings = agent_settings(
-            node, kube_api, cri_socket=cri_socket, restart_script=script if restart else None
-        )
+        command = restart_script_command(node, script) if restart else ()
+        settings = agent_settings(node, kube_api, cri_socket=cri_socket, restart_command=command)
         settings = dataclasses.replace(
             settings,
             node=dataclasses.replace(settings.node, targets=targets),
             recover_stuck_pods=recover,
         )
-        agent = Agent(start_daemon(settings), node, kube_api)
+        agent = start_in_process(settings, node, kube_api, fast_timings())
         running.append(agent)
         return agent
 
@@ -243,7 +237,7 @@ def test_a_pod_that_failed_to_pull_before_the_secret_was_fixed_is_evicted_within
 
 
 def test_with_only_config_json_managed_the_daemon_waits_for_kubelets_cache(
-    kube_api: KubeApiServer, start_agent: StartAgent, node: Node
+    kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     kube_api.create_pod("team", "app-1", node=NODE_NAME, image=IMAGE)
     agent = start_agent(recover=True, targets=("kubelet",))
