@@ -7,6 +7,7 @@ text with some entries replaced or removed, changing nothing else. It never does
 """
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -72,6 +73,20 @@ def per_registry(credentials: Credentials, entry_for: EntryFor) -> Desired:
         key, entry = result
         entries[key] = entry
     return Desired(entries, tuple(skipped), registries=len(entries))
+
+
+class OneEntryPerRegistry(ABC):
+    """For a format that holds one entry per registry: `desired_entries` from the format's
+    `desired_entry(registry, auth)`."""
+
+    @abstractmethod
+    def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
+        """The key and entry for `registry`, or why the file cannot hold one."""
+
+    def desired_entries(
+        self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
+    ) -> Desired:
+        return per_registry(credentials, self.desired_entry)
 
 
 class NodeFileFormat(Protocol):

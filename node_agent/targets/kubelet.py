@@ -12,18 +12,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
+from node_agent.credentials import DOCKER_HUB, RegistryAuth
 from node_agent.errors import json_position
 from node_agent.escaping import without_userinfo
-from node_agent.targets import (
-    REDACTED,
-    Desired,
-    Entry,
-    FormatError,
-    Skip,
-    looks_secret,
-    per_registry,
-)
+from node_agent.targets import REDACTED, Entry, FormatError, OneEntryPerRegistry, Skip, looks_secret
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 CREDENTIAL_FIELDS = frozenset({"auth", "username", "password", "identitytoken", "registrytoken"})
@@ -31,15 +23,10 @@ _DEFAULT_INDENT = "  "
 _FIRST_INDENT = re.compile(r"\{\s*?\n([ \t]+)\S")
 
 
-class KubeletFormat:
+class KubeletFormat(OneEntryPerRegistry):
     """`NodeFileFormat` for /var/lib/kubelet/config.json."""
 
     name = "kubelet"
-
-    def desired_entries(
-        self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
-    ) -> Desired:
-        return per_registry(credentials, self.desired_entry)
 
     def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
         if not auth.has_basic_auth:

@@ -40,8 +40,8 @@ from typing import Any, Final
 
 from tomlkit.exceptions import TOMLKitError
 
-from node_agent.credentials import DOCKER_HUB, Credentials, RegistryAuth
-from node_agent.targets import Desired, Entry, FormatError, Skip, looks_secret, per_registry
+from node_agent.credentials import DOCKER_HUB, RegistryAuth
+from node_agent.targets import Entry, FormatError, OneEntryPerRegistry, Skip, looks_secret
 from node_agent.targets.containerd.document import (
     _body,
     _is_value,
@@ -77,7 +77,7 @@ from node_agent.targets.containerd.rotation import (
 DOCKER_HUB_HOST: Final = "registry-1.docker.io"
 
 
-class ContainerdFormat:
+class ContainerdFormat(OneEntryPerRegistry):
     """`NodeFileFormat` for containerd's config.toml (config versions 2 and 3)."""
 
     name = "containerd"
@@ -91,11 +91,6 @@ class ContainerdFormat:
             raise ValueError("new_file_version must be 2 or 3")
         self.new_file_version = new_file_version
         self._memo = memo
-
-    def desired_entries(
-        self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
-    ) -> Desired:
-        return per_registry(credentials, self.desired_entry)
 
     def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
         if "*" in registry:

@@ -15,8 +15,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from node_agent.credentials import Credentials, RegistryAuth
-from node_agent.targets import REDACTED, Desired, Entry, Skip, per_registry
+from node_agent.credentials import RegistryAuth
+from node_agent.targets import REDACTED, Entry, OneEntryPerRegistry, Skip
 
 API_VERSION: Final = "credentialprovider.kubelet.k8s.io/v1"
 KIND: Final = "CredentialProviderResponse"
@@ -31,7 +31,7 @@ def valid_cache_duration(text: str) -> bool:
     return _GO_DURATION.fullmatch(text) is not None
 
 
-class ResponseFormat:
+class ResponseFormat(OneEntryPerRegistry):
     """`NodeFileFormat` for the response file the plugin answers with."""
 
     name = "credential-provider-response"
@@ -40,11 +40,6 @@ class ResponseFormat:
         if not valid_cache_duration(cache_duration):
             raise ValueError("cache_duration is not a duration such as 0s, 30s or 5m")
         self.cache_duration = cache_duration
-
-    def desired_entries(
-        self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
-    ) -> Desired:
-        return per_registry(credentials, self.desired_entry)
 
     def desired_entry(self, registry: str, auth: RegistryAuth) -> tuple[str, Entry] | Skip:
         if not auth.has_basic_auth:
