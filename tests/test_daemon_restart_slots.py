@@ -21,20 +21,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    NAME,
-    NS,
-    REGISTRY,
-    RESTART_SCRIPT,
-    Agent,
-    Node,
-    agent_settings,
-    create_secret,
-    start_daemon,
-    update_secret,
-)
 from fake_cri import FakeCri
 from kubeapi import KubeApiServer
+from support.agent import Agent, start_in_process
+from support.node import MINIMAL_FOREIGN_JSON, MINIMAL_FOREIGN_TOML, REGISTRY, NodeTree
+from support.settings import (
+    NAME,
+    NS,
+    RESTART_SCRIPT,
+    agent_settings,
+    create_secret,
+    fast_timings,
+    restart_script_command,
+    update_secret,
+)
 from support.waiting import wait_until
 
 from node_agent.settings import RestartCoordination
@@ -62,17 +62,18 @@ def start_node(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[StartNode]:
         directory = tempfile.mkdtemp(prefix="na-cri-", dir="/tmp")
         socket_path = os.path.join(directory, "cri.sock")
         fakes.append((FakeCri(socket_path).start(), directory))
-        node = Node.create(tmp_path / name)
+        node = NodeTree.create(
+            tmp_path / name, toml=MINIMAL_FOREIGN_TOML, json_text=MINIMAL_FOREIGN_JSON
+        )
         settings = agent_settings(
             node,
             kube_api,
             cri_socket=socket_path,
-            restart_script=script,
+            restart_command=restart_script_command(node, script, restart_seconds),
             node_name=name,
-            restart_seconds=restart_seconds,
             restarts=restarts,
         )
-        agent = Agent(start_daemon(settings), node, kube_api)
+        agent = start_in_process(settings, node, kube_api, fast_timings())
         agents.append(agent)
         return agent
 
@@ -84,12 +85,12 @@ def start_node(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[StartNode]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def restart_intervals(node: Node) -> list[tuple[float, float]]:
+def restart_intervals(node: NodeTree) -> list[tuple[float, float]]:
     """(start, end) of each successful restart (wall clock)."""
     return list(zip(node.restart_attempts(), node.restart_times(), strict=True))
 
 
-def assert_never_overlap(*nodes: Node) -> None:
+def assert_never_overlap(*nodes: NodeTree) -> None:
     intervals = sorted(interval for node in nodes for interval in restart_intervals(node))
     for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start >= end, f"restarts overlap: {intervals}"
@@ -204,7 +205,9 @@ def test_a_holder_killed_mid_restart_loses_its_slot_after_the_ttl_and_only_then(
 ) -> None:
     assert kube_api.kubeconfig_path is not None
     create_secret(kube_api, "pw-1")
-    node = Node.create(tmp_path / "node-dead")
+    node = NodeTree.create(
+        tmp_path / "node-dead", toml=MINIMAL_FOREIGN_TOML, json_text=MINIMAL_FOREIGN_JSON
+    )
     started = tmp_path / "restart-started"
     script = tmp_path / "hang.sh"
     script.write_text(f"#!/bin/sh\ntouch {started}\nsleep 60\n")

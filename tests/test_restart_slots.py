@@ -20,6 +20,7 @@ from kubeapi import KubeApiServer
 from support.waiting import wait_until
 
 from node_agent.kube.client import KubeApi
+from node_agent.kube.model import ObjectRef
 from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotTiming
 from node_agent.restart_slots.leases import new_lease, slot_order
 from node_agent.restart_slots.machine import SlotState
@@ -444,3 +445,111 @@ class TestApiOutages:
         agent.slots.request()
         agent.wait_for_slot(timeout=10.0)
         assert agent.state() is SlotState.UNCOORDINATED
+
+
+class TestTheSlotThread:
+    """What the thread does in each state, beyond the machine's table
+    (tests/test_restart_slot_machine.py): when it renews, releases, retries and stops."""
+
+    def test_stopping_gives_back_a_slot_held_for_a_restart_under_way(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        agent = make_agent("node-a", ttl=30.0)
+        agent.slots.request()
+        agent.wait_for_slot()
+        assert agent.slots.stop(timeout=3.0)
+        assert holder(kube_api) is None
+        assert agent.reports.calls[-1] == "released node-agent-restart-0"
+
+    def test_stopping_ends_a_wait_at_once_and_says_so(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        other = make_agent("node-b", ttl=30.0)
+        other.slots.request()
+        other.wait_for_slot()
+        agent = make_agent("node-a", ttl=30.0, timing=replace(FAST, longest_watch=30.0))
+        agent.slots.request()
+        wait_until(lambda: kube_api.open_watches() == 1, timeout=5.0)
+        stopping = time.monotonic()
+        assert agent.slots.stop(timeout=3.0)
+        assert time.monotonic() - stopping < 1.0
+        assert agent.reports.calls == ["queued", "wait over"]
+        assert holder(kube_api) == "node-b"
+
+    def test_a_restart_requested_while_settling_waits_for_a_slot_again(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        agent = make_agent("node-a", ttl=30.0, settle=0.3)
+        agent.slots.request()
+        agent.wait_for_slot()
+        agent.restarted()
+        agent.slots.request()  # a newer change, while settling
+        assert agent.state() is SlotState.SETTLING
+        agent.wait_for_slot(timeout=5.0)
+        assert [c.kind for c in kube_api.slot_timeline(NS)] == ["acquire", "release", "acquire"]
+        assert agent.reports.calls.count("queued") == 2
+        assert agent.reports.calls[-1] == "acquired node-agent-restart-0"
+
+    def test_a_slot_lost_while_settling_with_a_restart_requested_is_sought_again(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        agent = make_agent("node-a", ttl=1.0, settle=30.0)
+        agent.slots.request()
+        agent.wait_for_slot()
+        agent.restarted()
+        agent.slots.request()
+        kube_api.release_lease(NS, "node-agent-restart-0")  # an operator
+        agent.wait_for_slot(timeout=5.0)
+        assert "lost node-agent-restart-0 to None" in agent.reports.calls
+        assert agent.state() is SlotState.HOLDING
+        assert holder(kube_api) == "node-a"
+
+    def test_a_release_without_an_answer_is_tried_again_soon(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        agent = make_agent("node-a", ttl=30.0)
+        agent.slots.request()
+        agent.wait_for_slot()
+        kube_api.fail_next(503, verb="update")
+        agent.restarted()
+        took = wait_until(lambda: holder(kube_api) is None, timeout=5.0)
+        assert took < 2.0  # renew_retry (0.1 s), not the TTL
+        wait_until(lambda: agent.state() is SlotState.IDLE, timeout=2.0)
+        assert agent.reports.calls.count("released node-agent-restart-0") == 1
+
+    def test_a_renewal_without_an_answer_keeps_the_slot_and_is_tried_again_soon(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        agent = make_agent("node-a", ttl=3.0)  # renew every second
+        agent.slots.request()
+        agent.wait_for_slot()
+        kube_api.fail_next(503, verb="update")
+        failed = time.monotonic()
+        wait_until(
+            lambda: any(c.kind == "renew" for c in kube_api.slot_timeline(NS)),
+            timeout=5.0,
+        )
+        assert time.monotonic() - failed < 2.0  # 1 s to the renewal, then renew_retry
+        assert agent.state() is SlotState.HOLDING
+        assert agent.reports.calls == ["queued", "acquired node-agent-restart-0"]
+
+    def test_a_slot_someone_edited_but_left_ours_stays_held_and_renewed(
+        self, kube_api: KubeApiServer, make_agent: AgentFactory
+    ) -> None:
+        agent = make_agent("node-a", ttl=3.0)  # renew every second
+        agent.slots.request()
+        agent.wait_for_slot()
+        assert kube_api.kubeconfig_path is not None
+        api = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path, environ={})
+        lease = kube_api.lease(NS, "node-agent-restart-0")
+        assert lease is not None
+        edited = {**lease, "metadata": {**lease["metadata"], "labels": {"edited": "yes"}}}
+        api.replace_lease(ObjectRef(NS, "node-agent-restart-0"), edited, request_timeout=(1, 2))
+        api.close()
+        edited_at = len(kube_api.slot_timeline(NS))
+        time.sleep(2.5)  # two renewals' worth
+        assert agent.state() is SlotState.HOLDING
+        assert holder(kube_api) == "node-a"
+        since_the_edit = [c.kind for c in kube_api.slot_timeline(NS)][edited_at:]
+        assert len(since_the_edit) >= 2 and set(since_the_edit) == {"renew"}
+        assert agent.reports.calls == ["queued", "acquired node-agent-restart-0"]

@@ -1,4 +1,4 @@
-"""A monotonic clock the test moves by hand."""
+"""A monotonic clock the test moves by hand, for the parts that take `clock=`."""
 
 from dataclasses import dataclass
 
