@@ -164,7 +164,13 @@ def test_a_new_config_holds_only_the_agent_provider_and_the_kubelet_accepts_it()
     assert ProviderConfigFormat().entries(text) == {
         PLUGIN_NAME: {
             "name": PLUGIN_NAME,
-            "matchImages": ["*.corp.example", "docker.io", "mirror.example:5000", "r.example.com"],
+            "matchImages": [
+                "*.corp.example",
+                "docker.io",
+                "mirror.example:5000",
+                "r.example.com",
+                "token.example",
+            ],
             "defaultCacheDuration": "0s",
             "apiVersion": V1,
         }

@@ -57,7 +57,10 @@ class ProviderConfigFormat:
     def desired_entries(
         self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
     ) -> Desired:
-        served = sorted(key for key, auth in credentials.items() if auth.has_basic_auth)
+        # Every registry of the credentials, also one the response skips (an identity token
+        # only): the kubelet then asks the plugin and gets no credential for it, as the
+        # warning about the skip says, rather than never asking.
+        served = sorted(credentials)
         patterns = served
         if self.match_all:
             patterns = [*MATCH_ALL, *(key for key in served if not _matched_by_all(key))]
