@@ -38,6 +38,15 @@ from node_agent.cri import CriClient, CriError, RuntimeVersion
 from node_agent.errors import NodeAgentError, RestartFailed
 from node_agent.escaping import bounded
 from node_agent.host_paths import resolved_target
+from node_agent.systemd_bus import (
+    SYSTEMD_BUS_NAME,
+    SYSTEMD_MANAGER,
+    SYSTEMD_PATH,
+    call,
+    dbus_error_text,
+    manager_call,
+    remaining,
+)
 
 DEFAULT_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
 CONTAINERD_UNIT = "containerd.service"
@@ -122,12 +131,6 @@ def _last_line(output: bytes) -> str:
 
 # --- systemd over D-Bus -------------------------------------------------------------------
 
-SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
-SYSTEMD_PATH = "/org/freedesktop/systemd1"
-SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
-
-_MAX_DBUS_MESSAGE = 200
-
 
 class SystemdRestarter:
     """``--reload systemd``: ``RestartUnit(unit, "replace")`` and wait for its ``JobRemoved``.
@@ -155,7 +158,7 @@ class SystemdRestarter:
             result = self._restart_and_wait(deadline)
         except DBusErrorResponse as error:
             raise RestartFailed(
-                f"systemd refused to restart {self._unit}: {_dbus_error_text(error)}"
+                f"systemd refused to restart {self._unit}: {dbus_error_text(error)}"
             ) from error
         except TimeoutError as error:
             raise RestartFailed(
@@ -172,16 +175,16 @@ class SystemdRestarter:
         from jeepney import message_bus  # noqa: PLC0415
         from jeepney.io.blocking import open_dbus_connection  # noqa: PLC0415
 
-        with open_dbus_connection(self._bus_address, auth_timeout=_remaining(deadline)) as bus:
+        with open_dbus_connection(self._bus_address, auth_timeout=remaining(deadline)) as bus:
             # The bus resolves the well-known name in its own rule; the signals we then get
             # carry systemd's unique name, which the local filter therefore must not check.
-            _call(bus, message_bus.AddMatch(_job_removed_rule(SYSTEMD_BUS_NAME)), deadline)
+            call(bus, message_bus.AddMatch(_job_removed_rule(SYSTEMD_BUS_NAME)), deadline)
             # Filter before RestartUnit: signals that arrive while we wait for its reply are
             # queued instead of dropped, so a fast job cannot finish unseen.
             with bus.filter(_job_removed_rule(None), queue=deque()) as removed_jobs:
-                _call(bus, _manager_call("Subscribe"), deadline)
-                restart = _manager_call("RestartUnit", "ss", (self._unit, "replace"))
-                (job_path,) = _call(bus, restart, deadline)
+                call(bus, manager_call("Subscribe"), deadline)
+                restart = manager_call("RestartUnit", "ss", (self._unit, "replace"))
+                (job_path,) = call(bus, restart, deadline)
                 return _wait_for_job(bus, removed_jobs, job_path, deadline)
 
 
@@ -197,42 +200,13 @@ def _job_removed_rule(sender: str | None) -> Any:
     )
 
 
-def _manager_call(method: str, signature: str | None = None, body: tuple[Any, ...] = ()) -> Any:
-    from jeepney import DBusAddress, new_method_call  # noqa: PLC0415
-
-    manager = DBusAddress(SYSTEMD_PATH, bus_name=SYSTEMD_BUS_NAME, interface=SYSTEMD_MANAGER)
-    return new_method_call(manager, method, signature, body)
-
-
-def _call(bus: Any, message: Any, deadline: float) -> tuple[Any, ...]:
-    from jeepney.wrappers import unwrap_msg  # noqa: PLC0415
-
-    reply = bus.send_and_get_reply(message, timeout=_remaining(deadline))
-    body: tuple[Any, ...] = unwrap_msg(reply)  # raises DBusErrorResponse for error replies
-    return body
-
-
 def _wait_for_job(bus: Any, removed_jobs: deque[Any], job_path: str, deadline: float) -> str:
     """Consume JobRemoved signals until ours; jobs of other units are skipped."""
     while True:
-        job_removed = bus.recv_until_filtered(removed_jobs, timeout=_remaining(deadline))
+        job_removed = bus.recv_until_filtered(removed_jobs, timeout=remaining(deadline))
         _job_id, removed_path, _unit, result = job_removed.body
         if removed_path == job_path:
             return str(result)
-
-
-def _remaining(deadline: float) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    return remaining
-
-
-def _dbus_error_text(error: Any) -> str:
-    """``Name: message`` of a D-Bus error reply, capped: the text comes from another process."""
-    detail = error.data[0] if error.data and isinstance(error.data[0], str) else ""
-    text = f"{error.name}: {detail}" if detail else str(error.name)
-    return bounded(text, _MAX_DBUS_MESSAGE)
 
 
 # --- a request to a systemd path unit on the host -------------------------------------------
@@ -343,10 +317,10 @@ def wait_for_cri(
                 return cri.version(timeout=call_timeout)
             except CriError as error:
                 last_error = f"{error.code}: {error.details}"
-            remaining = deadline - clock()
-            if remaining <= 0:
+            left = deadline - clock()
+            if left <= 0:
                 break
-            sleep(min(poll_interval, remaining))
+            sleep(min(poll_interval, left))
     named = timeout if budget is None else budget
     raise RestartFailed(
         f"CRI on {socket_path} did not answer Version within {named:g}s (last: {last_error})"
