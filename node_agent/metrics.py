@@ -93,9 +93,10 @@ class AgentMetrics:
         )
         self.kubelet_restart_needed = Gauge(
             "node_agent_kubelet_restart_needed",
-            "1 once the agent changed its entry in the kubelet's CredentialProviderConfig "
-            "(the registries the plugin serves): the kubelet reads it only when it starts. "
-            "Stays 1 for the life of this agent process.",
+            "1 while the kubelet runs an older CredentialProviderConfig than the one on disk "
+            "(it reads it only when it starts): kubelet.service last started before the file "
+            "last changed, as systemd says; where systemd cannot say, 1 once this agent "
+            "changed its entry there.",
             registry=self.registry,
         )
         self.restart_pending = Gauge(

@@ -12,6 +12,8 @@ from node_agent.containerd_versions import UNKNOWN, ConfigTomlAuth, ContainerdSu
 from node_agent.credentials import Credentials
 from node_agent.cri import CriClient, CriError
 from node_agent.host_paths import resolve_in_root
+from node_agent.kubelet_start import KubeletRestartCheck
+from node_agent.kubelet_start import kubelet_restart_check as check_kubelet_restart
 from node_agent.ownership import StateStore
 from node_agent.reconcile import ContainerdRestart, NodeFile, Reconciler
 from node_agent.secret_files import load_credentials
@@ -114,6 +116,18 @@ def containerd_restart(settings: Settings) -> ContainerdRestart | None:
     )
     socket = str(settings.on_host(settings.containerd_socket))
     return RestartContainerd(restarter, socket, settings.restart_timeout)
+
+
+def kubelet_restart_check(settings: Settings) -> KubeletRestartCheck | None:
+    """Whether the kubelet still runs an older CredentialProviderConfig, asked of systemd on
+    the node's system bus; None without the credential-provider target."""
+    if "credential-provider" not in settings.targets:
+        return None
+    return check_kubelet_restart(
+        settings.on_host(settings.credential_provider_config),
+        root=settings.host_root,
+        bus_address=f"unix:path={settings.on_host(settings.system_bus_socket)}",
+    )
 
 
 def containerd_support(settings: Settings) -> ContainerdSupport:

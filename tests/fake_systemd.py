@@ -2,7 +2,9 @@
 
 It speaks real D-Bus through jeepney, so the code under test talks to it exactly as it would
 to PID 1: ``Subscribe``, then ``RestartUnit(name, mode)`` answered with a job path, then the
-``JobRemoved(id, job, unit, result)`` signal. Knobs make it fail the job, never finish it,
+``JobRemoved(id, job, unit, result)`` signal; ``GetUnit(name)`` answered with the unit's
+object path, whose ``ActiveEnterTimestamp`` property (``Properties.Get``) says when the unit
+last became active. Knobs make it fail the job, never finish it,
 reject the unit, or let an impostor announce the job.
 """
 
@@ -33,6 +35,8 @@ SYSTEMD_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
 MANAGER = DBusAddress(MANAGER_PATH, interface=MANAGER_INTERFACE)
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
 
 _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -95,6 +99,10 @@ class FakeSystemd:
     impostor_announces: bool = False
     """A different bus client (not systemd) emits JobRemoved(done) for our job instead."""
 
+    active_since: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds each unit last became active (its ActiveEnterTimestamp); a known
+    unit not listed was never active (0)."""
+
     calls: list[tuple[str, ...]] = field(default_factory=list)
     _connection: DBusConnection | None = None
     _thread: threading.Thread | None = None
@@ -132,6 +140,12 @@ class FakeSystemd:
     def _dispatch(self, bus: DBusConnection, call: Any) -> None:
         fields = call.header.fields
         member = fields.get(HeaderFields.member)
+        if fields.get(HeaderFields.interface) == PROPERTIES_INTERFACE and member == "Get":
+            self._get_property(bus, call)
+            return
+        if fields.get(HeaderFields.interface) == MANAGER_INTERFACE and member == "GetUnit":
+            self._get_unit(bus, call)
+            return
         if fields.get(HeaderFields.interface) != MANAGER_INTERFACE or member not in {
             "Subscribe",
             "RestartUnit",
@@ -145,13 +159,28 @@ class FakeSystemd:
         else:
             self._restart_unit(bus, call)
 
+    def _get_unit(self, bus: DBusConnection, call: Any) -> None:
+        (unit,) = call.body
+        self.calls.append(("GetUnit", unit))
+        if unit not in self.known_units:
+            bus.send(_no_such_unit(call, unit))
+            return
+        bus.send(new_method_return(call, "o", (_unit_path(unit),)))
+
+    def _get_property(self, bus: DBusConnection, call: Any) -> None:
+        interface, name = call.body
+        path = call.header.fields[HeaderFields.path]
+        units = {_unit_path(unit): unit for unit in self.known_units}
+        if path not in units or (interface, name) != (UNIT_INTERFACE, "ActiveEnterTimestamp"):
+            bus.send(new_error(call, "org.freedesktop.DBus.Error.UnknownProperty"))
+            return
+        microseconds = round(self.active_since.get(units[path], 0.0) * 1_000_000)
+        bus.send(new_method_return(call, "v", (("t", microseconds),)))
+
     def _restart_unit(self, bus: DBusConnection, call: Any) -> None:
         unit, _mode = call.body
         if unit not in self.known_units:
-            error = new_error(
-                call, "org.freedesktop.systemd1.NoSuchUnit", "s", (f"Unit {unit} not found.",)
-            )
-            bus.send(error)
+            bus.send(_no_such_unit(call, unit))
             return
         self._next_job_id += 1
         job_id = self._next_job_id
@@ -177,6 +206,15 @@ class FakeSystemd:
             other_path = f"{MANAGER_PATH}/job/{job_id + 1000}"
             bus.send(_job_removed(job_id + 1000, other_path, "other.service", "failed"))
         bus.send(_job_removed(job_id, job_path, unit, self.job_result))
+
+
+def _unit_path(unit: str) -> str:
+    """systemd's object path of a unit (its name with `.` escaped as `_2e`)."""
+    return f"{MANAGER_PATH}/unit/" + unit.replace(".", "_2e").replace("-", "_2d")
+
+
+def _no_such_unit(call: Any, unit: str) -> Any:
+    return new_error(call, "org.freedesktop.systemd1.NoSuchUnit", "s", (f"Unit {unit} not found.",))
 
 
 def _job_removed(job_id: int, job_path: str, unit: str, result: str) -> Any:

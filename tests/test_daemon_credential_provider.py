@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fake_systemd import FakeSystemd, private_bus
 from kubeapi import KubeApiServer
 from support.agent import Agent, start_in_process
 from support.dockerconfig import DOCKERCONFIG, registry_login
@@ -55,6 +56,7 @@ def start_agent(
         match_images: str = "registries",
         recover_stuck_pods: bool = False,
         provisioned: bool = False,
+        system_bus: Path | None = None,
     ) -> Agent:
         if provisioned:
             for name in (PLUGIN_NAME, RESPONSE_NAME):
@@ -68,6 +70,7 @@ def start_agent(
             credential_provider_bin_dir=node.root / "bin",
             credential_provider_config=node.root / "provider-config.yaml",
             credential_provider_match_images=match_images,
+            system_bus_socket=system_bus or node.root / "no-system-bus",
         )
         settings = replace(settings, node=node_settings, recover_stuck_pods=recover_stuck_pods)
         running.append(start_in_process(settings, node, kube_api, fast_timings()))
@@ -203,3 +206,29 @@ def test_a_registry_new_to_the_kubelet_config_is_not_acted_on_before_the_kubelet
     agent.wait_idle()
     time.sleep(0.5)  # a recovery acting on it would have evicted by now
     assert kube_api.evictions() == []
+
+
+def test_the_restart_needed_gauge_clears_once_systemd_says_the_kubelet_restarted(
+    kube_api: KubeApiServer, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon not installed (Debian package 'dbus')")
+    bus_dir = tmp_path / "bus"
+    bus_dir.mkdir()
+    with private_bus(bus_dir) as address:
+        systemd = FakeSystemd(
+            address,
+            known_units=frozenset({"kubelet.service"}),
+            active_since={"kubelet.service": time.time() - 3600},
+        )
+        systemd.start()
+        try:
+            agent = start_agent(system_bus=bus_dir / "bus")
+            create_secret(kube_api, "pw-1")
+            wait_until(lambda: agent.metric("node_agent_kubelet_restart_needed") == 1, 5)
+            systemd.active_since["kubelet.service"] = time.time()  # the operator restarted it
+            update_secret(kube_api, "pw-2")  # the next pass asks again
+            wait_until(lambda: agent.metric("node_agent_kubelet_restart_needed") == 0, 5)
+            assert len(agent.events("KubeletRestartNeeded")) == 1
+        finally:
+            systemd.stop()

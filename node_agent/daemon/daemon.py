@@ -56,7 +56,7 @@ from node_agent.restart_slots.coordinator import RestartSlots, SlotConfig, SlotT
 from node_agent.settings import DaemonSettings
 from node_agent.status_server import Health, StatusServer
 from node_agent.stuck_pods.recovery import RecoveryTiming, StuckPodRecovery
-from node_agent.wiring import build_reconciler, containerd_support
+from node_agent.wiring import build_reconciler, containerd_support, kubelet_restart_check
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,10 @@ class Daemon:
         self.queue = WorkQueue(debounce=settings.debounce, clock=parts.clock)
         readiness = Readiness(parts.health, self.sources)
         self.reporter = DaemonReporter(
-            metrics=parts.metrics, events=parts.events, readiness=readiness
+            metrics=parts.metrics,
+            events=parts.events,
+            readiness=readiness,
+            kubelet_check=kubelet_restart_check(settings.node),
         )
         self.reporter.containerd_found(self.containerd)
         self.file_watch = DirectoryWatch(self._interests())

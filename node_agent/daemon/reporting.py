@@ -17,6 +17,7 @@ from node_agent.daemon.outcomes import TargetWrite
 from node_agent.daemon.worker import PassReport
 from node_agent.escaping import printable
 from node_agent.kube.errors import ErrorReason
+from node_agent.kubelet_start import KubeletRestartCheck
 from node_agent.metrics import AgentMetrics
 from node_agent.preview import empty_credentials_warning
 
@@ -131,11 +132,16 @@ class DaemonReporter:
         events: EventSink,
         readiness: Readiness,
         wall_clock: Callable[[], float] = time.time,
+        kubelet_check: KubeletRestartCheck | None = None,
     ) -> None:
+        """`kubelet_check`: whether the kubelet still runs an older CredentialProviderConfig
+        (None: the credential-provider target is off)."""
         self._metrics = metrics
         self._events = events
         self._readiness = readiness
         self._wall_clock = wall_clock
+        self._kubelet_check = kubelet_check
+        self._changed_provider_entry = False
 
     def pass_done(self, report: PassReport) -> None:
         metrics = self._metrics
@@ -152,6 +158,7 @@ class DaemonReporter:
         self._report_writes(report.writes)
         if report.kubelet_restart_needed:
             self._kubelet_restart_needed()
+        self._report_kubelet_restart()
         if report.restart == "rolled_back":
             self._events.record(ROLLED_BACK, rolled_back_message(report.error), type="Warning")
         elif report.result == "error":
@@ -163,8 +170,17 @@ class DaemonReporter:
     def _kubelet_restart_needed(self) -> None:
         message = KUBELET_RESTART_NEEDED_MESSAGE
         log.warning("%s", message)
-        self._metrics.kubelet_restart_needed.set(1)
+        self._changed_provider_entry = True
         self._events.record(KUBELET_RESTART_NEEDED, message, type="Warning")
+
+    def _report_kubelet_restart(self) -> None:
+        """1 while the kubelet started before its CredentialProviderConfig last changed, as
+        systemd says; where it cannot say, 1 once this agent changed its entry there."""
+        if self._kubelet_check is None and not self._changed_provider_entry:
+            return
+        known = None if self._kubelet_check is None else self._kubelet_check()
+        needed = self._changed_provider_entry if known is None else known
+        self._metrics.kubelet_restart_needed.set(1 if needed else 0)
 
     def credentials_empty(self, removed: int) -> None:
         message = empty_credentials_warning(removed)
