@@ -38,6 +38,9 @@ ALERTS_FOR = {
         "NodeAgentSourceRejected",
         "NodeAgentApiUnreachable",
     },
+    "a kubelet that has not read the credential provider config the agent changed": {
+        "NodeAgentKubeletRestartNeeded",
+    },
     "a containerd restart rollout stuck waiting for restart slots": {
         "NodeAgentRestartRolloutStuck",
         "NodeAgentRestartWaitingLong",
