@@ -80,6 +80,24 @@ def private_bus(directory: Path) -> Iterator[str]:
             process.stdout.close()
 
 
+@contextlib.contextmanager
+def systemd_on_private_bus(directory: Path, **settings: Any) -> Iterator[FakeSystemd]:
+    """A started `FakeSystemd` (with `settings`) on its own bus under `directory`; the bus
+    socket is `directory / "bus"`. Skips the test where dbus-daemon is not installed."""
+    import pytest
+
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon not installed (Debian package 'dbus')")
+    directory.mkdir(parents=True, exist_ok=True)
+    with private_bus(directory) as address:
+        systemd = FakeSystemd(address, **settings)
+        systemd.start()
+        try:
+            yield systemd
+        finally:
+            systemd.stop()
+
+
 @dataclass
 class FakeSystemd:
     """Owns ``org.freedesktop.systemd1`` on ``bus_address`` and serves the Manager methods."""

@@ -24,7 +24,13 @@ from typing import Any
 
 from campaign import campaign, campaign_seed, campaign_size
 from support.agent import agent_process_env
-from support.kubelet_credential_provider import config_errors, request, response_errors, run_plugin
+from support.kubelet_credential_provider import (
+    NODE_IMAGE_CONFIG,
+    config_errors,
+    request,
+    response_errors,
+    run_plugin,
+)
 
 from node_agent.cli import main
 from node_agent.ownership import AgentState, StateStore
@@ -35,15 +41,6 @@ BIN_DIR = "etc/kubernetes/image-credential-provider"
 FILES = (RESPONSE_NAME, PLUGIN_NAME, "config.yaml")
 REGISTRY = "r.example.com"
 V1 = "credentialprovider.kubelet.k8s.io/v1"
-NODE_IMAGE_CONFIG = """\
-apiVersion: kubelet.config.k8s.io/v1
-kind: CredentialProviderConfig
-providers:
-  - name: ecr-credential-provider   # the node image's
-    matchImages: ["*.dkr.ecr.*.amazonaws.com"]
-    defaultCacheDuration: "12h"
-    apiVersion: credentialprovider.kubelet.k8s.io/v1
-"""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,13 @@ import stat
 from pathlib import Path
 
 import pytest
-from support.kubelet_credential_provider import config_errors, request, response_errors, run_plugin
+from support.kubelet_credential_provider import (
+    NODE_IMAGE_CONFIG,
+    config_errors,
+    request,
+    response_errors,
+    run_plugin,
+)
 
 from node_agent.cli import main
 from node_agent.targets.credential_provider import PLUGIN_NAME, PLUGIN_SCRIPT, RESPONSE_NAME
@@ -15,15 +21,6 @@ from node_agent.targets.credential_provider import PLUGIN_NAME, PLUGIN_SCRIPT, R
 PASSWORD = "Pa55-w0rd-never-printed"
 BIN_DIR = "etc/kubernetes/image-credential-provider"
 CONFIG = f"{BIN_DIR}/config.yaml"
-ECR_CONFIG = """\
-apiVersion: kubelet.config.k8s.io/v1
-kind: CredentialProviderConfig
-providers:
-  - name: ecr-credential-provider   # the node image's
-    matchImages: ["*.dkr.ecr.*.amazonaws.com"]
-    defaultCacheDuration: "12h"
-    apiVersion: credentialprovider.kubelet.k8s.io/v1
-"""
 
 
 @pytest.fixture
@@ -109,11 +106,11 @@ def test_a_new_registry_changes_the_config_and_says_the_kubelet_must_restart(
 def test_an_existing_provider_config_keeps_the_other_provider_byte_for_byte(
     host: Path, tmp_path: Path
 ) -> None:
-    (host / CONFIG).write_text(ECR_CONFIG)
+    (host / CONFIG).write_text(NODE_IMAGE_CONFIG)
     (host / CONFIG).chmod(0o644)
     assert run("reconcile", host, secret(tmp_path)) == 0
     merged = (host / CONFIG).read_text()
-    assert merged.startswith(ECR_CONFIG)
+    assert merged.startswith(NODE_IMAGE_CONFIG)
     assert config_errors(merged) == []
     assert stat.S_IMODE((host / CONFIG).stat().st_mode) == 0o600  # no credential, but ours
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fake_systemd import FakeSystemd, private_bus
+from fake_systemd import systemd_on_private_bus
 from kubeapi import KubeApiServer
 from support.agent import Agent, start_in_process
 from support.dockerconfig import DOCKERCONFIG, registry_login
@@ -211,24 +211,13 @@ def test_a_registry_new_to_the_kubelet_config_is_not_acted_on_before_the_kubelet
 def test_the_restart_needed_gauge_clears_once_systemd_says_the_kubelet_restarted(
     kube_api: KubeApiServer, start_agent: StartAgent, tmp_path: Path
 ) -> None:
-    if shutil.which("dbus-daemon") is None:
-        pytest.skip("dbus-daemon not installed (Debian package 'dbus')")
-    bus_dir = tmp_path / "bus"
-    bus_dir.mkdir()
-    with private_bus(bus_dir) as address:
-        systemd = FakeSystemd(
-            address,
-            known_units=frozenset({"kubelet.service"}),
-            active_since={"kubelet.service": time.time() - 3600},
-        )
-        systemd.start()
-        try:
-            agent = start_agent(system_bus=bus_dir / "bus")
-            create_secret(kube_api, "pw-1")
-            wait_until(lambda: agent.metric("node_agent_kubelet_restart_needed") == 1, 5)
-            systemd.active_since["kubelet.service"] = time.time()  # the operator restarted it
-            update_secret(kube_api, "pw-2")  # the next pass asks again
-            wait_until(lambda: agent.metric("node_agent_kubelet_restart_needed") == 0, 5)
-            assert len(agent.events("KubeletRestartNeeded")) == 1
-        finally:
-            systemd.stop()
+    kubelet = {"known_units": frozenset({"kubelet.service"})}
+    started = {"kubelet.service": time.time() - 3600}
+    with systemd_on_private_bus(tmp_path / "bus", **kubelet, active_since=started) as systemd:
+        agent = start_agent(system_bus=tmp_path / "bus" / "bus")
+        create_secret(kube_api, "pw-1")
+        wait_until(lambda: agent.metric("node_agent_kubelet_restart_needed") == 1, 5)
+        systemd.active_since["kubelet.service"] = time.time()  # the operator restarted it
+        update_secret(kube_api, "pw-2")  # the next pass asks again
+        wait_until(lambda: agent.metric("node_agent_kubelet_restart_needed") == 0, 5)
+        assert len(agent.events("KubeletRestartNeeded")) == 1

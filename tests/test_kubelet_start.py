@@ -3,13 +3,12 @@ became active, asked of a fake systemd on a private bus (tests/fake_systemd.py),
 when the file last changed."""
 
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_systemd import FakeSystemd, private_bus
+from fake_systemd import FakeSystemd, systemd_on_private_bus
 
 from node_agent.kubelet_start import kubelet_restart_check, kubelet_started_at
 
@@ -18,19 +17,10 @@ STARTED = 1_764_900_000.25  # a wall-clock time in the past
 
 @pytest.fixture
 def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
-    if shutil.which("dbus-daemon") is None:
-        pytest.skip("dbus-daemon not installed (Debian package 'dbus')")
-    bus_dir = tmp_path / "bus"
-    bus_dir.mkdir()
-    with private_bus(bus_dir) as address:
-        fake = FakeSystemd(
-            address,
-            known_units=frozenset({"kubelet.service", "containerd.service"}),
-            active_since={"kubelet.service": STARTED},
-        )
-        fake.start()
+    units = frozenset({"kubelet.service", "containerd.service"})
+    started = {"kubelet.service": STARTED}
+    with systemd_on_private_bus(tmp_path / "bus", known_units=units, active_since=started) as fake:
         yield fake
-        fake.stop()
 
 
 def test_systemd_says_when_the_kubelet_last_started(systemd: FakeSystemd) -> None:

@@ -27,6 +27,16 @@ PROVIDER_API_VERSIONS = {
     "credentialprovider.kubelet.k8s.io/v1alpha1",
 }
 CACHE_KEY_TYPES = {"Image", "Registry", "Global"}
+#: A CredentialProviderConfig as a node image leaves it, with a provider of its own.
+NODE_IMAGE_CONFIG = """\
+apiVersion: kubelet.config.k8s.io/v1
+kind: CredentialProviderConfig
+providers:
+  - name: ecr-credential-provider   # the node image's
+    matchImages: ["*.dkr.ecr.*.amazonaws.com"]
+    defaultCacheDuration: "12h"
+    apiVersion: credentialprovider.kubelet.k8s.io/v1
+"""
 _GO_DURATION = re.compile(r"0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+")
 
 
