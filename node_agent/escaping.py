@@ -15,6 +15,8 @@ _SHORT_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 #: `scheme://user:password@` or `user:password@` before a host. Up to the last `@`: a careless
 #: password may hold `/` or `@` itself, and showing too little of a key is harmless.
 _USERINFO: Final = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<userinfo>.*)@", re.S)
+#: `scheme://user:password@` anywhere in a text (an error that quotes a URL).
+_URL_USERINFO: Final = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
 #: How much of a registry key an error shows.
 KEY_DISPLAY_LIMIT: Final = 120
 
@@ -35,6 +37,12 @@ def _escape(match: re.Match[str]) -> str:
 def without_userinfo(key: str) -> str:
     """A registry key or URL with any `user:password@` before the host replaced by `***@`."""
     return _USERINFO.sub(lambda m: f"{m.group('scheme') or ''}***@", key, count=1)
+
+
+def without_url_userinfo(text: str) -> str:
+    """`text` with the `user:password@` of every URL in it replaced by `***@` (a kubeconfig's
+    server URL may carry them, and errors of HTTP libraries quote URLs)."""
+    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
 
 
 def has_userinfo(key: str) -> bool:

@@ -132,7 +132,10 @@ def _decode(path: str, raw: bytes) -> AgentState:
     try:
         document: Any = json.loads(raw)
     except ValueError as error:
-        problem = f"state file is not valid JSON{json_position(error)}; fix or remove it"
+        problem = (
+            f"state file is not valid JSON{json_position(error)}; restore it from a copy or "
+            "fix it (removed, the agent forgets what it took over: docs/upgrading.md)"
+        )
         raise UnsupportedConfig(path, problem) from None
     if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
         raise UnsupportedConfig(path, f"state file is not version {STATE_VERSION}")

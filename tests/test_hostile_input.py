@@ -17,7 +17,16 @@ from support.dockerconfig import docker_config
 from node_agent.cli import main
 from node_agent.credentials import parse_document
 from node_agent.errors import InvalidCredentials
-from node_agent.escaping import bounded, printable, shown_key, without_userinfo
+from node_agent.escaping import (
+    bounded,
+    printable,
+    shown_key,
+    without_url_userinfo,
+    without_userinfo,
+)
+from node_agent.kube.client import KubeApi
+from node_agent.kube.errors import ApiError
+from node_agent.kube.model import ObjectRef
 from node_agent.logs import JsonFormatter, TextFormatter
 from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
@@ -293,3 +302,41 @@ def test_credentials_that_name_no_registry_are_honoured_with_a_warning(
     assert "the credentials name no registry: 2 entries the agent manages are removed" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://user:s3cret@127.0.0.1:1/api", "http://***@127.0.0.1:1/api"),
+        ("url=https://a:b@h:6443/x (https://c@h2)", "url=https://***@h:6443/x (https://***@h2)"),
+        ("https://api.example:6443/api/v1", "https://api.example:6443/api/v1"),
+    ],
+)
+def test_urls_in_text_lose_their_user_and_password(text: str, shown: str) -> None:
+    assert without_url_userinfo(text) == shown
+
+
+def test_a_kubeconfig_server_with_a_password_never_shows_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreachable API server named with `user:password@` in the kubeconfig: neither the
+    start-up log line nor the error says the password."""
+    kubeconfig = tmp_path / "kubeconfig"
+    cluster = {"server": "http://puller:s3cret-pw@127.0.0.1:1"}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    kubeconfig.write_text(json.dumps(config))
+    with caplog.at_level(logging.DEBUG):
+        api = KubeApi.connect(kubeconfig=kubeconfig, environ={})
+        with pytest.raises(ApiError) as raised:
+            api.list_secret(ObjectRef("ns", "name"), request_timeout=(1, 1))
+        api.close()
+    assert "Kubernetes API: kubeconfig" in caplog.text
+    assert "s3cret-pw" not in str(raised.value) + caplog.text
+    assert "127.0.0.1" in str(raised.value)

@@ -39,7 +39,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from node_agent.errors import NodeAgentError
-from node_agent.escaping import bounded
+from node_agent.escaping import bounded, without_url_userinfo
 from node_agent.kube.errors import (
     ApiConflict,
     ApiForbidden,
@@ -71,13 +71,18 @@ def load_api_client(
     configuration = k8s.Configuration()
     if kubeconfig is None and environ.get(_IN_CLUSTER_ENV):
         k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        log.info("Kubernetes API: in-cluster ServiceAccount, %s", configuration.host)
+        log.info(
+            "Kubernetes API: in-cluster ServiceAccount, %s",
+            without_url_userinfo(configuration.host),
+        )
     else:
         path = kubeconfig or Path(environ.get("KUBECONFIG") or "~/.kube/config").expanduser()
         k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=str(path), client_configuration=configuration, persist_config=False
         )
-        log.info("Kubernetes API: kubeconfig %s, %s", path, configuration.host)
+        log.info(
+            "Kubernetes API: kubeconfig %s, %s", path, without_url_userinfo(configuration.host)
+        )
     if hasattr(configuration, "keep_alive"):
         # TCP keepalive: an idle proxy or load balancer otherwise drops a quiet watch silently.
         configuration.keep_alive = True
@@ -508,5 +513,7 @@ def _as_int(value: object) -> int:
 
 
 def _describe(error: BaseException) -> str:
-    """urllib3's own words (host, port, what broke); they never contain response data."""
-    return bounded(f"{type(error).__name__}: {error}", _STATUS_MESSAGE_LIMIT)
+    """urllib3's own words (host, port, what broke); they never contain response data, and
+    a URL's `user:password@` is taken out."""
+    text = without_url_userinfo(f"{type(error).__name__}: {error}")
+    return bounded(text, _STATUS_MESSAGE_LIMIT)
