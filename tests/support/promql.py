@@ -60,11 +60,13 @@ def selectors(expr: str) -> list[Selector]:
 
 def exported_series() -> tuple[set[str], dict[str, dict[str, set[str]]]]:
     """The agent's sample names (`metric_names()`, so `_total`, `_bucket`... included) and,
-    per sample name, each label with the values it takes — with every target and one API
-    source configured, the agent creates every label set it will ever use up front."""
+    per sample name, each label with the values it takes — with every target, one API
+    source and stuck-pod recovery configured, the agent creates every label set it will ever
+    use up front."""
     metrics = AgentMetrics(CollectorRegistry())
     metrics.add_targets(TARGETS)
     metrics.add_sources([SOURCE])
+    metrics.add_stuck_pod_recovery()
     labels: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for family in metrics.registry.collect():
         for sample in family.samples:
