@@ -6,11 +6,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from node_agent.atomic import read_snapshot
 from node_agent.containerd_restart import Restarter, make_restarter, restart_and_check
 from node_agent.containerd_versions import UNKNOWN, ConfigTomlAuth, ContainerdSupport, support_for
 from node_agent.credentials import Credentials
 from node_agent.cri import CriClient, CriError
+from node_agent.errors import NodeAgentError
 from node_agent.host_paths import resolve_in_root
 from node_agent.kubelet_start import KubeletRestartCheck
 from node_agent.kubelet_start import kubelet_restart_check as check_kubelet_restart
@@ -30,6 +33,9 @@ from node_agent.targets.kubelet import KubeletFormat
 
 log = logging.getLogger(__name__)
 
+#: The agent's own file in a directory of CredentialProviderConfigs.
+PROVIDER_CONFIG_FILE = f"{PLUGIN_NAME}.yaml"
+_CONFIG_SUFFIXES = frozenset({".json", ".yaml", ".yml"})
 #: The plugin's mode: the kubelet executes it; it holds no credential.
 _PLUGIN_MODE = 0o755
 
@@ -95,7 +101,7 @@ def credential_provider_files(settings: Settings) -> list[NodeFile]:
                 cache_duration=cache_duration,
                 match_all=settings.credential_provider_match_images == "all",
             ),
-            settings.on_host(settings.credential_provider_config),
+            provider_config_path(settings),
             root=settings.host_root,
             read_at_kubelet_start=True,
             keys_are_registries=False,
@@ -118,13 +124,37 @@ def containerd_restart(settings: Settings) -> ContainerdRestart | None:
     return RestartContainerd(restarter, socket, settings.restart_timeout)
 
 
+def provider_config_path(settings: Settings) -> Path:
+    """The CredentialProviderConfig the agent keeps its entry in. Where
+    --credential-provider-config names a directory (the kubelet reads every *.json, *.yaml and
+    *.yml in one since 1.34, and refuses a provider name found twice): the file there that
+    already names the agent's provider, else a file of the agent's own."""
+    path = settings.on_host(settings.credential_provider_config)
+    directory = resolve_in_root(settings.host_root, path).path
+    if not directory.is_dir():
+        return path
+    for name in sorted(entry.name for entry in directory.iterdir()):
+        if Path(name).suffix in _CONFIG_SUFFIXES and _names_the_plugin(path / name, settings):
+            return path / name
+    return path / PROVIDER_CONFIG_FILE
+
+
+def _names_the_plugin(candidate: Path, settings: Settings) -> bool:
+    """Read as every node file is (links followed inside the host root, no FIFO waited on)."""
+    try:
+        content = read_snapshot(candidate, root=settings.host_root).content
+    except NodeAgentError:
+        return False
+    return content is not None and PLUGIN_NAME.encode() in content
+
+
 def kubelet_restart_check(settings: Settings) -> KubeletRestartCheck | None:
     """Whether the kubelet still runs an older CredentialProviderConfig, asked of systemd on
     the node's system bus; None without the credential-provider target."""
     if "credential-provider" not in settings.targets:
         return None
     return check_kubelet_restart(
-        settings.on_host(settings.credential_provider_config),
+        provider_config_path(settings),
         root=settings.host_root,
         bus_address=f"unix:path={settings.on_host(settings.system_bus_socket)}",
     )

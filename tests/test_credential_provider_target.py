@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from support.kubelet_credential_provider import (
     NODE_IMAGE_CONFIG,
+    config_dir_errors,
     config_errors,
     request,
     response_errors,
@@ -21,6 +22,7 @@ from node_agent.targets.credential_provider import PLUGIN_NAME, PLUGIN_SCRIPT, R
 PASSWORD = "Pa55-w0rd-never-printed"
 BIN_DIR = "etc/kubernetes/image-credential-provider"
 CONFIG = f"{BIN_DIR}/config.yaml"
+NODE_FILES = Path(__file__).parents[1] / "daemonset/credential-provider/node-files"
 
 
 @pytest.fixture
@@ -207,3 +209,37 @@ def test_the_default_targets_leave_the_credential_provider_alone(
     flags = ["--secret-file", str(secret(tmp_path)), "--host-root", str(host), "--reload", "none"]
     assert main(["reconcile", *flags], environ={}) == 0
     assert os.listdir(host / BIN_DIR) == []
+
+
+def test_a_config_directory_gets_a_file_of_the_agent_own_beside_the_others(
+    host: Path, tmp_path: Path
+) -> None:
+    directory = host / "etc/kubernetes/credential-providers.d"
+    directory.mkdir(parents=True)
+    (directory / "10-ecr.yaml").write_text(NODE_IMAGE_CONFIG)
+    flag = ["--credential-provider-config", "/etc/kubernetes/credential-providers.d"]
+    assert run("reconcile", host, secret(tmp_path), *flag) == 0
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "10-ecr.yaml",
+        f"{PLUGIN_NAME}.yaml",
+    ]
+    assert (directory / "10-ecr.yaml").read_text() == NODE_IMAGE_CONFIG
+    assert config_dir_errors(directory) == []
+
+
+def test_in_a_config_directory_the_file_that_names_the_agent_provider_is_kept(
+    host: Path, tmp_path: Path
+) -> None:
+    """The node image put the agent's config.yaml into the kubelet's config directory: the
+    agent keeps its entry there, never a second one the kubelet would refuse as a duplicate."""
+    directory = host / "etc/kubernetes/credential-providers.d"
+    directory.mkdir(parents=True)
+    (directory / "10-ecr.yaml").write_text(NODE_IMAGE_CONFIG)
+    (directory / "50-node-agent.yaml").write_text(
+        (NODE_FILES / "config.yaml").read_text().replace('"*.*.*.*.*.*"', '"old.example"')
+    )
+    flag = ["--credential-provider-config", "/etc/kubernetes/credential-providers.d"]
+    assert run("reconcile", host, secret(tmp_path), *flag) == 0
+    assert sorted(p.name for p in directory.iterdir()) == ["10-ecr.yaml", "50-node-agent.yaml"]
+    assert '"r.example.com"' in (directory / "50-node-agent.yaml").read_text()
+    assert config_dir_errors(directory) == []

@@ -58,6 +58,27 @@ def config_errors(text: str, *, bin_dir: Path | None = None) -> list[str]:
     return errors
 
 
+def config_dir_errors(directory: Path) -> list[str]:
+    """What the kubelet (1.34+) would refuse in a directory of CredentialProviderConfigs: it
+    reads every *.json, *.yaml and *.yml in name order, refuses a provider name found twice,
+    and validates the merged providers."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".json", ".yaml", ".yml"))
+    if not files:
+        return ["no configuration files found in the directory"]
+    errors: list[str] = []
+    providers: list[Any] = []
+    for path in files:
+        document = yaml.safe_load(path.read_text())
+        if not isinstance(document, dict) or document.get("kind") != "CredentialProviderConfig":
+            errors.append(f"{path.name}: kind: not CredentialProviderConfig")
+            continue
+        providers.extend(document.get("providers") or [])
+    names = [str(p.get("name")) for p in providers if isinstance(p, dict)]
+    errors += [f"duplicate provider name {n!r}" for n in sorted(set(names)) if names.count(n) > 1]
+    merged = {"apiVersion": "kubelet.config.k8s.io/v1", "kind": "CredentialProviderConfig"}
+    return errors + config_errors(yaml.safe_dump({**merged, "providers": providers}))
+
+
 def _provider_errors(provider: Any, seen: set[str], bin_dir: Path | None) -> list[str]:
     if not isinstance(provider, dict):
         return ["providers[]: not an object"]
