@@ -133,7 +133,11 @@ def provider_config_path(settings: Settings) -> Path:
     directory = resolve_in_root(settings.host_root, path).path
     if not directory.is_dir():
         return path
-    for name in sorted(entry.name for entry in directory.iterdir()):
+    try:
+        names = sorted(entry.name for entry in directory.iterdir())
+    except OSError:
+        names = []  # unlistable: the pass then says what is wrong with the directory
+    for name in names:
         if Path(name).suffix in _CONFIG_SUFFIXES and _names_the_plugin(path / name, settings):
             return path / name
     return path / PROVIDER_CONFIG_FILE
