@@ -22,7 +22,7 @@ from pathlib import Path
 from node_agent.credentials import Credentials, RegistryAuth
 from node_agent.ownership import StateStore
 from node_agent.plan import plan_target
-from node_agent.reconcile import NodeFile, Reconciler, desired_entries
+from node_agent.reconcile import NodeFile, Reconciler
 from node_agent.targets.containerd import ContainerdFormat, ParsedTexts
 from node_agent.targets.kubelet import KubeletFormat
 
@@ -81,7 +81,7 @@ def bench(config: Path, count: int, rounds: int, workdir: Path) -> dict[str, flo
 
     containerd = ContainerdFormat(memo=ParsedTexts())
     text = (workdir / f"node-{count}/config.toml").read_text()
-    wanted = desired_entries(containerd, credentials(count, "rotated")).entries
+    wanted = containerd.desired_entries(credentials(count, "rotated"), {}).entries
     plan = plan_target(current=containerd.entries(text), desired=wanted, owned={})
     render = median_ms(lambda: containerd.render(text, plan.updates), rounds)
     return {"apply": apply, "noop": noop, "render": render, "lines": float(text.count("\n"))}

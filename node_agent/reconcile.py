@@ -37,7 +37,7 @@ from node_agent.errors import (
 )
 from node_agent.ownership import AgentState, LastGood, StateStore
 from node_agent.plan import Owned, TargetPlan, owned_while_writing, plan_target
-from node_agent.targets import Desired, FormatError, NodeFileFormat
+from node_agent.targets import FormatError, NodeFileFormat
 
 log = logging.getLogger(__name__)
 
@@ -378,12 +378,6 @@ class Reconciler:
         )
         error = f"{restart_error}; previous config.toml restored and containerd restarted healthy"
         return RestartOutcome("rolled_back", error, last_attempt_at=second)
-
-
-def desired_entries(file_format: NodeFileFormat, credentials: Credentials) -> Desired:
-    """What `file_format` should hold for every credential, in a file that does not exist
-    yet (benchmarks and tests)."""
-    return file_format.desired_entries(credentials, {})
 
 
 def _rendered(file_format: NodeFileFormat, old_text: str | None, plan: TargetPlan) -> str | None:

@@ -152,13 +152,17 @@ def _names_the_plugin(candidate: Path, settings: Settings) -> bool:
     return content is not None and PLUGIN_NAME.encode() in content
 
 
-def kubelet_restart_check(settings: Settings) -> KubeletRestartCheck | None:
-    """Whether the kubelet still runs an older CredentialProviderConfig, asked of systemd on
-    the node's system bus; None without the credential-provider target."""
-    if "credential-provider" not in settings.targets:
+def kubelet_restart_check(
+    settings: Settings, reconciler: Reconciler
+) -> KubeletRestartCheck | None:
+    """Whether the kubelet still runs an older version of the reconciler's file it reads
+    only at start (the CredentialProviderConfig), asked of systemd on the node's system bus;
+    None when the reconciler has no such file."""
+    config = next((f.path for f in reconciler.node_files if f.read_at_kubelet_start), None)
+    if config is None:
         return None
     return check_kubelet_restart(
-        provider_config_path(settings),
+        config,
         root=settings.host_root,
         bus_address=f"unix:path={settings.on_host(settings.system_bus_socket)}",
     )

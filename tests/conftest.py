@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from campaign import CAMPAIGN_PROPERTY, campaign_table
 from kubeapi import KubeApiServer
 from leak_audit import LeakAudit, start_audit
 from support.agent import Agent, StartAgent, start_in_process
+from support.clock import ManualClock
 from support.cri import fake_cri_socket
 from support.node import MINIMAL_FOREIGN_JSON, MINIMAL_FOREIGN_TOML, NodeTree
 from support.settings import (
@@ -20,7 +22,9 @@ from support.settings import (
     restart_script_command,
 )
 
+from node_agent.kube.client import KubeApi
 from node_agent.kube.model import ObjectRef
+from node_agent.settings import DEFAULT_TARGETS
 
 
 @pytest.fixture
@@ -35,6 +39,22 @@ def kube_api(tmp_path: Path) -> Iterator[KubeApiServer]:
         yield server
     assert server.unexpected_errors == []
     assert server.violations() == [], "restart-slot audit: Leases were used unsafely"
+
+
+@pytest.fixture
+def agent_api(kube_api: KubeApiServer) -> Iterator[KubeApi]:
+    """The agent's own Kubernetes client (`node_agent.kube.client.KubeApi`, the real
+    `kubernetes` client underneath) connected to `kube_api`, closed at teardown."""
+    assert kube_api.kubeconfig_path is not None
+    api = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path, environ={})
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A monotonic clock the test moves by hand."""
+    return ManualClock()
 
 
 @pytest.fixture
@@ -104,8 +124,8 @@ def start_agent(
 ) -> Iterator[StartAgent]:
     """Starts `node-agent run` in this process for `node` (tests/support/agent.py), following
     the Secret `support.settings.SECRET` with short intervals; with `restart=True` it
-    restarts "containerd" through `RESTART_SCRIPT` (the node's restart log). Every agent
-    started must stop within 4 s at teardown."""
+    restarts "containerd" through `RESTART_SCRIPT` (the node's restart log); `targets` and
+    `recover_stuck_pods` as the flags. Every agent started must stop within 4 s at teardown."""
     running: list[Agent] = []
     script = tmp_path / "restart.sh"
     script.write_text(RESTART_SCRIPT)
@@ -118,6 +138,8 @@ def start_agent(
         restart: bool = False,
         on_secret_delete: str = "remove",
         resync_interval: float = 60.0,
+        targets: tuple[str, ...] = DEFAULT_TARGETS,
+        recover_stuck_pods: bool = False,
     ) -> Agent:
         settings = agent_settings(
             node,
@@ -128,6 +150,11 @@ def start_agent(
             secret_files=secret_files,
             on_secret_delete=on_secret_delete,
             resync_interval=resync_interval,
+        )
+        settings = replace(
+            settings,
+            node=replace(settings.node, targets=targets),
+            recover_stuck_pods=recover_stuck_pods,
         )
         agent = start_in_process(settings, node, kube_api, fast_timings(resync_interval))
         running.append(agent)

@@ -5,17 +5,15 @@ at first; it ships as a ConfigMap the Grafana dashboard sidecar picks up.
 """
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
-import pytest
 import yaml
 from support.promql import exported_series, promtool, selectors
+from test_manifests import kustomize_base_with
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "daemonset"
@@ -172,22 +170,7 @@ def test_the_data_source_is_a_variable_so_any_prometheus_can_be_picked() -> None
 
 
 def rendered_monitoring(tmp_path: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not found (kustomize renders with kubectl's built-in kustomize)")
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(BASE, overlay)],
-        "components": [os.path.relpath(MONITORING, overlay)],
-    }
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, check=True
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(rendered) if doc is not None]
+    return kustomize_base_with(tmp_path, MONITORING)
 
 
 def test_the_monitoring_component_ships_the_dashboard_as_a_config_map_for_the_sidecar(

@@ -53,11 +53,6 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def agent_api(kube_api: KubeApiServer) -> Iterator[KubeApi]:
-    api = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path)
-    yield api
-    api.close()
 
 
 @pytest.fixture

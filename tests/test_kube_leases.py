@@ -13,12 +13,12 @@ from __future__ import annotations
 import copy
 import json
 import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 from kubeapi import LEASES, TOKEN, KubeApiServer, SlotChange
+from support.clock import ManualClock
 
 from node_agent.kube.client import KubeApi
 from node_agent.kube.errors import (
@@ -42,31 +42,12 @@ TIMEOUT = (1.0, 2.0)
 PERMISSION = f"get, list, watch, create and update leases in namespace {NS}"
 
 
-@dataclass
-class FakeClock:
-    """The server's monotonic clock, moved by hand."""
-
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
-def clock(kube_api: KubeApiServer) -> FakeClock:
-    fake = FakeClock()
+def clock(kube_api: KubeApiServer) -> ManualClock:
+    """The server's monotonic clock, moved by hand."""
+    fake = ManualClock()
     kube_api.slot_audit.clock = fake
     return fake
-
-
-@pytest.fixture
-def agent_api(kube_api: KubeApiServer) -> Iterator[KubeApi]:
-    api = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path)
-    yield api
-    api.close()
 
 
 def lease(name: str, holder: str | None, *, ttl: int = TTL, renewed: str = RENEWED) -> Any:
@@ -369,7 +350,7 @@ def test_server_errors_are_unavailable(
 
 
 def test_the_timeline_tells_acquire_renew_release_takeover_and_delete(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     ref = ObjectRef(NS, SLOT_0)
     stored = agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
@@ -395,7 +376,7 @@ def test_the_timeline_tells_acquire_renew_release_takeover_and_delete(
 
 
 def test_a_free_slot_created_empty_is_neither_acquired_nor_held(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     agent_api.create_lease(NS, lease(SLOT_0, None), request_timeout=TIMEOUT)
 
@@ -405,7 +386,7 @@ def test_a_free_slot_created_empty_is_neither_acquired_nor_held(
 
 
 def test_a_takeover_after_the_lease_duration_unchanged_is_allowed(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     held = agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
     clock.advance(TTL)
@@ -418,7 +399,7 @@ def test_a_takeover_after_the_lease_duration_unchanged_is_allowed(
 
 
 def test_a_takeover_while_still_renewed_is_recorded(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     held = agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
     clock.advance(TTL - 0.5)
@@ -435,7 +416,7 @@ def test_a_takeover_while_still_renewed_is_recorded(
 
 
 def test_a_renewal_restarts_the_lease_duration(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     ref = ObjectRef(NS, SLOT_0)
     held = agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
@@ -451,7 +432,7 @@ def test_a_renewal_restarts_the_lease_duration(
 
 
 def test_the_lease_duration_is_the_one_of_the_lease_taken(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     held = agent_api.create_lease(NS, lease(SLOT_0, "node-1", ttl=10), request_timeout=TIMEOUT)
     clock.advance(10)
@@ -464,7 +445,7 @@ def test_the_lease_duration_is_the_one_of_the_lease_taken(
 
 
 def test_a_slot_freed_by_an_operator_can_be_acquired_at_once(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
 
@@ -483,7 +464,7 @@ def test_a_slot_freed_by_an_operator_can_be_acquired_at_once(
 
 
 def test_one_holder_on_two_slots_is_recorded(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
     agent_api.create_lease(NS, lease(SLOT_1, "node-1"), request_timeout=TIMEOUT)
@@ -494,7 +475,7 @@ def test_one_holder_on_two_slots_is_recorded(
 
 
 def test_a_holder_may_move_to_another_slot_after_releasing_its_own(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     held = agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
     agent_api.replace_lease(ObjectRef(NS, SLOT_0), with_holder(held, None), request_timeout=TIMEOUT)
@@ -505,7 +486,7 @@ def test_a_holder_may_move_to_another_slot_after_releasing_its_own(
 
 
 def test_more_holders_than_max_holders_is_recorded(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     kube_api.slot_audit.max_holders = 2
     for name, holder in ((SLOT_0, "node-1"), (SLOT_1, "node-2"), (SLOT_2, "node-3")):
@@ -517,7 +498,7 @@ def test_more_holders_than_max_holders_is_recorded(
 
 
 def test_an_update_without_resource_version_is_recorded_and_applied_like_the_real_server(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     agent_api.create_lease(NS, lease(SLOT_0, "node-1"), request_timeout=TIMEOUT)
 
@@ -531,7 +512,7 @@ def test_an_update_without_resource_version_is_recorded_and_applied_like_the_rea
     ]
 
 
-def test_a_patch_of_any_lease_is_recorded(kube_api: KubeApiServer, clock: FakeClock) -> None:
+def test_a_patch_of_any_lease_is_recorded(kube_api: KubeApiServer, clock: ManualClock) -> None:
     kube_api.store.create(LEASES, NS, lease("kube-scheduler", "node-1"))
     request = urllib.request.Request(
         f"{kube_api.url}/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/kube-scheduler",
@@ -554,7 +535,7 @@ def test_a_patch_of_any_lease_is_recorded(kube_api: KubeApiServer, clock: FakeCl
 
 
 def test_leases_that_are_not_restart_slots_are_not_audited_for_holders(
-    kube_api: KubeApiServer, agent_api: KubeApi, clock: FakeClock
+    kube_api: KubeApiServer, agent_api: KubeApi, clock: ManualClock
 ) -> None:
     held = agent_api.create_lease(NS, lease("kube-scheduler", "node-1"), request_timeout=TIMEOUT)
     agent_api.replace_lease(

@@ -7,7 +7,7 @@ Lease use."""
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -34,25 +34,12 @@ MakeAcquirer = Callable[..., SlotAcquirer]
 
 
 @pytest.fixture
-def api(kube_api: KubeApiServer) -> Iterator[KubeApi]:
-    assert kube_api.kubeconfig_path is not None
-    client = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path, environ={})
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def make_acquirer(api: KubeApi, clock: ManualClock) -> MakeAcquirer:
+def make_acquirer(agent_api: KubeApi, clock: ManualClock) -> MakeAcquirer:
     """An acquirer whose wait has begun."""
 
     def make(*, config: SlotConfig = CONFIG, timing: SlotTiming = TIMING) -> SlotAcquirer:
         acquirer = SlotAcquirer(
-            api=api,
+            api=agent_api,
             config=config,
             timing=timing,
             clock=clock,
@@ -65,17 +52,17 @@ def make_acquirer(api: KubeApi, clock: ManualClock) -> MakeAcquirer:
     return make
 
 
-def held_by(api: KubeApi, node: str, slot: str = SLOT) -> None:
+def held_by(agent_api: KubeApi, node: str, slot: str = SLOT) -> None:
     body = new_lease(slot, node=node, ttl=int(TTL), at=datetime.now(UTC))
-    api.create_lease(NS, body, request_timeout=TIMEOUT)
+    agent_api.create_lease(NS, body, request_timeout=TIMEOUT)
 
 
-def renew_as_holder(kube_api: KubeApiServer, api: KubeApi) -> None:
+def renew_as_holder(kube_api: KubeApiServer, agent_api: KubeApi) -> None:
     """What the holding node does every TTL/3."""
     lease = SlotLease.parse(kube_api.lease(NS, SLOT) or {})
     assert lease is not None
     body = renewed(lease, at=datetime.now(UTC))
-    api.replace_lease(ObjectRef(NS, SLOT), body, request_timeout=TIMEOUT)
+    agent_api.replace_lease(ObjectRef(NS, SLOT), body, request_timeout=TIMEOUT)
 
 
 def acquired(kube_api: KubeApiServer) -> list[tuple[str, str]]:
@@ -125,9 +112,9 @@ def test_an_attempt_creates_a_missing_slot(
 
 
 def test_an_attempt_takes_a_free_slot_with_the_version_it_read(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     kube_api.release_lease(NS, SLOT)
     outcome = make_acquirer().attempt()
     assert isinstance(outcome, Claimed) and outcome.lease.holder == NODE
@@ -135,9 +122,9 @@ def test_an_attempt_takes_a_free_slot_with_the_version_it_read(
 
 
 def test_an_attempt_reclaims_a_slot_this_node_already_holds(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, NODE)  # by this node's previous pod
+    held_by(agent_api, NODE)  # by this node's previous pod
     outcome = make_acquirer().attempt()
     assert isinstance(outcome, Claimed) and outcome.lease.holder == NODE
     assert [c.kind for c in kube_api.slot_timeline(NS)] == ["acquire", "renew"]
@@ -209,9 +196,9 @@ def test_a_new_wait_counts_the_api_s_failures_afresh(
 
 
 def test_an_answer_ends_the_count_of_failures(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer, clock: ManualClock
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer, clock: ManualClock
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     acquirer = make_acquirer(timing=SlotTiming(start_jitter=0.0, longest_watch=1.0))
     kube_api.fail_next(503, verb="list")
     assert isinstance(acquirer.attempt(), Retry)
@@ -226,9 +213,9 @@ def test_an_answer_ends_the_count_of_failures(
 
 
 def test_a_slot_freed_while_watching_is_claimed(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     result = in_background(make_acquirer())
     watching(kube_api)
     kube_api.release_lease(NS, SLOT)
@@ -237,9 +224,9 @@ def test_a_slot_freed_while_watching_is_claimed(
 
 
 def test_a_slot_deleted_while_watching_is_created_again(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     result = in_background(make_acquirer())
     watching(kube_api)
     kube_api.delete_lease(NS, SLOT)
@@ -249,13 +236,13 @@ def test_a_slot_deleted_while_watching_is_created_again(
 
 
 def test_renewals_seen_on_the_watch_do_not_end_it(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     result = in_background(make_acquirer(timing=SlotTiming(start_jitter=0.0, longest_watch=30.0)))
     watching(kube_api)
     kube_api.clear_requests()
-    renew_as_holder(kube_api, api)
+    renew_as_holder(kube_api, agent_api)
     time.sleep(0.3)
     assert kube_api.requests(verb="list", plural="leases") == []
     assert kube_api.open_watches() == 1
@@ -264,18 +251,18 @@ def test_renewals_seen_on_the_watch_do_not_end_it(
 
 
 def test_a_watch_that_ends_without_a_freed_slot_lists_again_at_once(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     acquirer = make_acquirer(timing=SlotTiming(start_jitter=0.0, longest_watch=1.0))
     assert acquirer.attempt() == Retry(0.0)
     assert [r.verb for r in kube_api.requests(plural="leases")] == ["create", "list", "watch"]
 
 
 def test_cancelling_ends_the_watch_at_once_without_a_claim(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     acquirer = make_acquirer(timing=SlotTiming(start_jitter=0.0, longest_watch=30.0))
     result = in_background(acquirer)
     watching(kube_api)
@@ -287,9 +274,9 @@ def test_cancelling_ends_the_watch_at_once_without_a_claim(
 
 
 def test_after_cancelling_no_watch_is_followed_until_the_next_wait(
-    kube_api: KubeApiServer, api: KubeApi, make_acquirer: MakeAcquirer
+    kube_api: KubeApiServer, agent_api: KubeApi, make_acquirer: MakeAcquirer
 ) -> None:
-    held_by(api, "node-b")
+    held_by(agent_api, "node-b")
     acquirer = make_acquirer(timing=SlotTiming(start_jitter=0.0, longest_watch=30.0))
     acquirer.cancel()
     started = time.monotonic()

@@ -3,7 +3,6 @@ a renewal is due, what a renewal and a release come to, and how a refused write 
 to tell an edit (still ours) from a lost slot. The holder's clock is moved by hand; the
 server's audit fails any unsafe Lease use."""
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -31,26 +30,13 @@ TIMEOUT = (1.0, 2.0)
 
 
 @pytest.fixture
-def api(kube_api: KubeApiServer) -> Iterator[KubeApi]:
-    assert kube_api.kubeconfig_path is not None
-    client = KubeApi.connect(kubeconfig=kube_api.kubeconfig_path, environ={})
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def holder(api: KubeApi, clock: ManualClock) -> SlotHolder:
+def holder(agent_api: KubeApi, clock: ManualClock) -> SlotHolder:
     """A holder that has just claimed the slot (created it)."""
     body = new_lease(SLOT, node=NODE, ttl=30, at=datetime.now(UTC))
-    lease = SlotLease.parse(api.create_lease(NS, body, request_timeout=TIMEOUT))
+    lease = SlotLease.parse(agent_api.create_lease(NS, body, request_timeout=TIMEOUT))
     assert lease is not None
     holder = SlotHolder(
-        api=api,
+        api=agent_api,
         config=CONFIG,
         timing=TIMING,
         clock=clock,
@@ -74,17 +60,17 @@ def changes(kube_api: KubeApiServer) -> list[str]:
     return [change.kind for change in kube_api.slot_timeline(NS)]
 
 
-def edit_keeping_the_holder(kube_api: KubeApiServer, api: KubeApi) -> None:
+def edit_keeping_the_holder(kube_api: KubeApiServer, agent_api: KubeApi) -> None:
     """Someone changes the Lease but leaves it ours: the version the holder has is stale."""
     current = stored(kube_api)
-    api.replace_lease(ObjectRef(NS, SLOT), dict(current.raw), request_timeout=TIMEOUT)
+    agent_api.replace_lease(ObjectRef(NS, SLOT), dict(current.raw), request_timeout=TIMEOUT)
 
 
-def taken_by(kube_api: KubeApiServer, api: KubeApi, node: str) -> None:
+def taken_by(kube_api: KubeApiServer, agent_api: KubeApi, node: str) -> None:
     """An operator frees the slot and another node claims it."""
     kube_api.release_lease(NS, SLOT)
     body = claimed(stored(kube_api), node=node, ttl=30, at=datetime.now(UTC))
-    api.replace_lease(ObjectRef(NS, SLOT), body, request_timeout=TIMEOUT)
+    agent_api.replace_lease(ObjectRef(NS, SLOT), body, request_timeout=TIMEOUT)
 
 
 # holding
@@ -120,9 +106,9 @@ def test_a_renewal_stores_the_lease_and_schedules_the_next(
 
 
 def test_a_renewal_of_a_slot_edited_by_someone_reads_it_back_and_renews_at_once(
-    kube_api: KubeApiServer, api: KubeApi, holder: SlotHolder, clock: ManualClock
+    kube_api: KubeApiServer, agent_api: KubeApi, holder: SlotHolder, clock: ManualClock
 ) -> None:
-    edit_keeping_the_holder(kube_api, api)
+    edit_keeping_the_holder(kube_api, agent_api)
     assert holder.renew() == StillHeld()  # 409, read back: still ours
     assert holder.renew_at == clock.now
     assert holder.renew() == StillHeld()  # from the version read
@@ -139,9 +125,9 @@ def test_a_renewal_of_a_slot_an_operator_released_finds_it_lost(
 
 
 def test_a_renewal_of_a_slot_another_node_took_finds_it_lost_to_that_node(
-    kube_api: KubeApiServer, api: KubeApi, holder: SlotHolder
+    kube_api: KubeApiServer, agent_api: KubeApi, holder: SlotHolder
 ) -> None:
-    taken_by(kube_api, api, "node-b")
+    taken_by(kube_api, agent_api, "node-b")
     assert holder.renew() == Lost(SLOT, holder="node-b")
     assert holder_of(kube_api) == "node-b"
 
@@ -228,9 +214,9 @@ def test_the_last_release_on_stop_is_one_quick_try(
 
 
 def test_a_release_from_a_stale_version_reads_the_slot_back_and_releases_it_next_time(
-    kube_api: KubeApiServer, api: KubeApi, holder: SlotHolder, clock: ManualClock
+    kube_api: KubeApiServer, agent_api: KubeApi, holder: SlotHolder, clock: ManualClock
 ) -> None:
-    edit_keeping_the_holder(kube_api, api)
+    edit_keeping_the_holder(kube_api, agent_api)
     assert holder.release(final=False) == StillHeld()
     assert holder_of(kube_api) == NODE
     assert holder.release(final=False) == Released(SLOT)
@@ -238,8 +224,8 @@ def test_a_release_from_a_stale_version_reads_the_slot_back_and_releases_it_next
 
 
 def test_a_release_of_a_slot_another_node_took_finds_it_lost(
-    kube_api: KubeApiServer, api: KubeApi, holder: SlotHolder
+    kube_api: KubeApiServer, agent_api: KubeApi, holder: SlotHolder
 ) -> None:
-    taken_by(kube_api, api, "node-b")
+    taken_by(kube_api, agent_api, "node-b")
     assert holder.release(final=False) == Lost(SLOT, holder="node-b")
     assert holder_of(kube_api) == "node-b"

@@ -5,23 +5,17 @@ asked about."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from kubeapi import KubeApiServer
-from support.agent import Agent, start_in_process
+from support.agent import StartAgent
 from support.node import REGISTRY, NodeTree
 from support.settings import (
     NODE_NAME,
-    RESTART_SCRIPT,
-    agent_settings,
     create_secret,
-    fast_timings,
-    restart_script_command,
 )
 from support.waiting import wait_until
 
@@ -31,7 +25,7 @@ from node_agent.daemon.outcomes import applied_changes
 from node_agent.errors import RestartFailed
 from node_agent.ownership import StateStore
 from node_agent.reconcile import NodeFile, Reconciler
-from node_agent.settings import DEFAULT_TARGETS, DaemonSettings
+from node_agent.settings import DaemonSettings
 from node_agent.stuck_pods.recovery import CREDENTIALS_ON_NODE, RECOVERED
 from node_agent.targets.containerd import ContainerdFormat
 from node_agent.targets.kubelet import KubeletFormat
@@ -166,37 +160,6 @@ def test_containerds_file_held_back_for_a_restart_hands_over_only_kubelets_chang
 
 # --- the daemon -----------------------------------------------------------------------------
 
-StartAgent = Callable[..., Agent]
-
-
-@pytest.fixture
-def start_agent(
-    node: NodeTree, kube_api: KubeApiServer, cri_socket: str, tmp_path: Path
-) -> Iterator[StartAgent]:
-    running: list[Agent] = []
-    script = tmp_path / "restart.sh"
-    script.write_text(RESTART_SCRIPT)
-    script.chmod(0o755)
-
-    def start(
-        *, recover: bool, restart: bool = False, targets: tuple[str, ...] = DEFAULT_TARGETS
-    ) -> Agent:
-        command = restart_script_command(node, script) if restart else ()
-        settings = agent_settings(node, kube_api, cri_socket=cri_socket, restart_command=command)
-        settings = dataclasses.replace(
-            settings,
-            node=dataclasses.replace(settings.node, targets=targets),
-            recover_stuck_pods=recover,
-        )
-        agent = start_in_process(settings, node, kube_api, fast_timings())
-        running.append(agent)
-        return agent
-
-    yield start
-    for agent in running:
-        agent.stop()
-
-
 def pod_requests(kube_api: KubeApiServer) -> list[str]:
     return [
         f"{r.verb} {r.path}"
@@ -216,7 +179,7 @@ def test_a_pod_that_failed_to_pull_before_the_secret_was_fixed_is_evicted_within
     kube_api.create_pod("team", "app-1", node=NODE_NAME, image=IMAGE, waiting="ErrImagePull")
     kube_api.create_pod("team", "solo", node=NODE_NAME, image=IMAGE, controller=None)
     kube_api.create_pod("team", "elsewhere", node="node-2", image=IMAGE)
-    agent = start_agent(recover=True, restart=restart)
+    agent = start_agent(recover_stuck_pods=True, restart=restart)
     wait_until(lambda: agent.get("/readyz")[0] == 200, what="ready with no Secret yet")
     assert kube_api.evictions() == []
 
@@ -240,7 +203,7 @@ def test_with_only_config_json_managed_the_daemon_waits_for_kubelets_cache(
     kube_api: KubeApiServer, start_agent: StartAgent, node: NodeTree
 ) -> None:
     kube_api.create_pod("team", "app-1", node=NODE_NAME, image=IMAGE)
-    agent = start_agent(recover=True, targets=("kubelet",))
+    agent = start_agent(recover_stuck_pods=True, targets=("kubelet",))
     create_secret(kube_api, "Pa55-fixed")
     wait_until(lambda: node.kubelet_password() == "Pa55-fixed", what="config.json written")
     agent.wait_idle()
@@ -253,7 +216,7 @@ def test_with_the_flag_off_the_daemon_makes_no_pod_request_at_all(
     kube_api: KubeApiServer, start_agent: StartAgent
 ) -> None:
     kube_api.create_pod("team", "app-1", node=NODE_NAME, image=IMAGE)
-    agent = start_agent(recover=False)
+    agent = start_agent(recover_stuck_pods=False)
     create_secret(kube_api, "Pa55-fixed")
     agent.wait_for_passwords("Pa55-fixed")
     agent.wait_idle()

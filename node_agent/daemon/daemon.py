@@ -136,7 +136,7 @@ class Daemon:
             metrics=parts.metrics,
             events=parts.events,
             readiness=readiness,
-            kubelet_check=kubelet_restart_check(settings.node),
+            kubelet_check=kubelet_restart_check(settings.node, self.reconciler),
         )
         self.reporter.containerd_found(self.containerd)
         self.file_watch = DirectoryWatch(self._interests())

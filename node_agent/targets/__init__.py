@@ -8,7 +8,7 @@ text with some entries replaced or removed, changing nothing else. It never does
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -58,23 +58,6 @@ class Desired:
     """How many registries the entries serve."""
 
 
-EntryFor = Callable[[str, RegistryAuth], "tuple[str, Entry] | Skip"]
-
-
-def per_registry(credentials: Credentials, entry_for: EntryFor) -> Desired:
-    """`Desired` for a file that holds one entry per registry, `entry_for(registry, auth)`."""
-    entries: dict[str, Entry] = {}
-    skipped: list[str] = []
-    for registry in sorted(credentials):
-        result = entry_for(registry, credentials[registry])
-        if isinstance(result, Skip):
-            skipped.append(f"{registry}: skipped: {result.reason}")
-            continue
-        key, entry = result
-        entries[key] = entry
-    return Desired(entries, tuple(skipped), registries=len(entries))
-
-
 class OneEntryPerRegistry(ABC):
     """For a format that holds one entry per registry: `desired_entries` from the format's
     `desired_entry(registry, auth)`."""
@@ -86,7 +69,16 @@ class OneEntryPerRegistry(ABC):
     def desired_entries(
         self, credentials: Credentials, current: Mapping[str, Mapping[str, Any]]
     ) -> Desired:
-        return per_registry(credentials, self.desired_entry)
+        entries: dict[str, Entry] = {}
+        skipped: list[str] = []
+        for registry in sorted(credentials):
+            result = self.desired_entry(registry, credentials[registry])
+            if isinstance(result, Skip):
+                skipped.append(f"{registry}: skipped: {result.reason}")
+                continue
+            key, entry = result
+            entries[key] = entry
+        return Desired(entries, tuple(skipped), registries=len(entries))
 
 
 class NodeFileFormat(Protocol):
